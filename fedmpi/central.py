@@ -1,0 +1,64 @@
+"""The centralized baseline: the same model and optimizer trained on the union of all shards.
+
+Run by rank 0 before the first round. The result (accuracy per epoch) is cached beside the
+shard file under a hash of everything that determines it, so a rerun does not retrain it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import Config
+from .evaluate import accuracy_loss
+from .models import build_model
+from .train import CENTRAL_STREAM, batch_generator, flatten, sgd_epochs, views
+
+CACHE_KEYS = ("model", "central_epochs", "lr", "momentum", "batch_size", "seed")
+
+
+def cache_path(cfg: Config) -> Path:
+    key = cfg.digest(CACHE_KEYS + ("dataset", "partition", "nodes", "samples_per_node"))
+    return cfg.data_path.with_name(f"{cfg.data_path.stem}.central-{key}.json")
+
+
+def load_cached(cfg: Config) -> Optional[dict]:
+    path = cache_path(cfg)
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if len(result.get("test_acc", [])) == cfg.central_epochs else None
+
+
+def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                  input_shape: tuple, classes: int) -> dict:
+    """Train for cfg.central_epochs, scoring the test set after each epoch."""
+    model = build_model(cfg.model, input_shape, classes, cfg.seed).to(x.device)
+    params = list(model.parameters())
+    bufs = views(torch.zeros(sum(p.numel() for p in params), device=x.device), params)
+    gen = batch_generator(cfg.seed, 0, 0, stream=CENTRAL_STREAM)
+    accs, losses = [], []
+    for _ in range(cfg.central_epochs):
+        sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen)
+        acc, loss = accuracy_loss(model, flatten(params), test_x, test_y)
+        accs.append(acc)
+        losses.append(loss)
+    return {"test_acc": accs, "test_loss": losses, "samples": len(y), "epochs": cfg.central_epochs}
+
+
+def central_baseline(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                     input_shape: tuple, classes: int) -> dict:
+    """The cached result when there is one, else train and cache it (written atomically)."""
+    cached = load_cached(cfg)
+    if cached is not None:
+        return dict(cached, cached=True)
+    result = train_central(cfg, x, y, test_x, test_y, input_shape, classes)
+    path = cache_path(cfg)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return dict(result, cached=False)

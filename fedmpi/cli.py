@@ -1,0 +1,77 @@
+"""The `fedmpi` command: parse, build, run, close. Bad input ends every rank with one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from .comm import fail_job, install_excepthook, world
+from .config import load_config, parse_overrides
+from .errors import ConfigError, FedmpiError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line through fail_job, not a usage wall per rank
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedmpi", description="Federated averaging as an MPI job.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, text in (("prepare", "write the HDF5 shard file of a config"),
+                       ("run", "run FedAvg (under mpirun/srun for several ranks)")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", help="YAML run config (e.g. jobs/mnist_iid.yaml); defaults when omitted")
+        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
+                       help="override config keys, several after one --set")
+        p.add_argument("--data-dir", help="where the raw dataset lies (same as --set data_dir=DIR)")
+    prep = sub.choices["prepare"]
+    prep.add_argument("--force", action="store_true", help="rewrite the shard file even when it exists")
+    prep.add_argument("--describe", action="store_true", help="print the shard file's attributes")
+    sub.choices["run"].add_argument("--out", help="run directory (default runs/<config name>)")
+    return parser
+
+
+def cmd_prepare(cfg, args, comm) -> None:
+    from .prepare import describe, prepare
+
+    if comm.rank == 0:
+        path = prepare(cfg, force=args.force)
+        print(f"shard file: {path}")
+        if args.describe:
+            print(describe(path))
+    comm.barrier()
+
+
+def cmd_run(cfg, args, comm) -> None:
+    from .run import run
+
+    stem = Path(args.config).stem if args.config else "default"
+    run_dir = Path(args.out or f"runs/{stem}")
+    if comm.rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".write-test").touch()
+            (run_dir / ".write-test").unlink()
+        except OSError as err:
+            raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror})") from None
+    run(cfg, run_dir, comm)
+    if comm.rank == 0:
+        print(f"run directory: {run_dir}")
+
+
+COMMANDS = {"prepare": cmd_prepare, "run": cmd_run}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    comm = world()
+    install_excepthook()
+    try:
+        args = build_parser().parse_args(argv)
+        overrides = parse_overrides(args.set)
+        if args.data_dir is not None:
+            overrides["data_dir"] = args.data_dir
+        cfg = load_config(args.config, overrides)
+        COMMANDS[args.command](cfg, args, comm)
+    except FedmpiError as err:
+        fail_job(str(err), err.exit_code)

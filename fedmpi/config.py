@@ -1,0 +1,156 @@
+"""Run configuration: a frozen dataclass read from YAML plus `--set key=value` overrides.
+
+Every check names the bad key, so a typo in a batch script fails at once with one line
+instead of after an hour in the queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+PARTITIONS = ("balanced", "iid")
+MODELS = ("2nn", "cnn")
+AGGREGATIONS = ("mean", "weighted")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("sequential",)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a run; the resolved copy is saved as config.yaml in the run directory."""
+
+    dataset: str = "mnist"
+    data_dir: Optional[str] = None
+    data_file: str = "data/{dataset}-{partition}-{nodes}x{samples_per_node}-seed{seed}.h5"
+    nodes: int = 100
+    partition: str = "balanced"
+    samples_per_node: int = 450
+    test_per_node: int = 90
+    model: str = "2nn"
+    rounds: int = 11
+    local_epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    aggregation: str = "mean"
+    central_epochs: int = 10
+    eval_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    engine: str = "sequential"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("model", self.model, MODELS)
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("engine", self.engine, ENGINES)
+        for name in ("nodes", "samples_per_node", "rounds", "local_epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("test_per_node", "central_epochs", "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
+        if not self.data_file:
+            raise ConfigError("config key 'data_file' must not be empty")
+
+    @property
+    def data_path(self) -> Path:
+        """The HDF5 file, with `{key}` placeholders in data_file filled from this config."""
+        try:
+            return Path(self.data_file.format(**self.to_dict()))
+        except (KeyError, IndexError, ValueError) as err:
+            raise ConfigError(f"config key 'data_file' has a bad placeholder: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, keys: tuple[str, ...]) -> str:
+        """A short stable hash of the named keys (cache and checkpoint identity)."""
+        picked = {k: getattr(self, k) for k in keys}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_TYPES = {"str": str, "int": int, "float": float, "Optional[str]": Optional[str]}
+
+
+def _coerce(name: str, type_name: Any, value: Any) -> Any:
+    """Check one value against its field type; ints are accepted for floats."""
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    if kind == "Optional[str]":
+        if value is None or isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{name}' must be a string or null, got {value!r}")
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{name}' must be of type {kind}, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ['lr=0.1', 'model=cnn'] into {'lr': 0.1, 'model': 'cnn'}; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config(path: Optional[str], overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Read a YAML config file (or defaults when path is None) and apply overrides."""
+    values: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = path
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        values.update(loaded or {})
+    known = {f.name for f in fields(Config)}
+    for source, mapping in ((where, values), ("--set", overrides or {})):
+        for key in mapping:
+            if key not in known:
+                raise ConfigError(f"unknown config key '{key}' (from {source}); known keys: {', '.join(sorted(known))}")
+    values.update(overrides or {})
+    return Config(**values)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,46 @@
+"""Scoring a flat parameter vector on data: whole test set, or per node via segment sums."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .train import views
+
+EVAL_BATCH = 2048
+
+
+@torch.no_grad()
+def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample correctness (bool) and cross-entropy loss of the model with parameters `flat`."""
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(zip(names, views(flat, list(model.parameters()))))
+    correct, losses = [], []
+    for start in range(0, len(y), EVAL_BATCH):
+        logits = functional_call(model, params, (x[start:start + EVAL_BATCH],))
+        target = y[start:start + EVAL_BATCH]
+        correct.append(logits.argmax(1) == target)
+        losses.append(F.cross_entropy(logits, target, reduction="none"))
+    if not correct:
+        empty = torch.zeros(0, device=x.device)
+        return empty.bool(), empty
+    return torch.cat(correct), torch.cat(losses)
+
+
+def accuracy_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean loss over the whole of (x, y)."""
+    correct, losses = predict_stats(model, flat, x, y)
+    return correct.float().mean().item(), losses.mean().item()
+
+
+def per_node_accuracy(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      offsets: np.ndarray) -> np.ndarray:
+    """Accuracy of one model on each node's rows offsets[i]:offsets[i+1] (NaN for an empty split)."""
+    correct = predict_stats(model, flat, x, y)[0].double().cpu().numpy()
+    cumulative = np.concatenate([[0.0], np.cumsum(correct)])
+    sums = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    counts = np.diff(offsets)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

@@ -1,0 +1,95 @@
+"""Local training: plain SGD with momentum over one node's shard, and the per-rank engine.
+
+The math is torch.optim.SGD's (buf = m*buf + g; p -= lr*buf; the first step's buf is g),
+written with foreach ops on the node's own momentum buffer so a node's state survives
+between rounds without one optimizer object per node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
+
+
+def batch_generator(seed: int, node: int, rnd: int, stream: int = 0) -> torch.Generator:
+    """Batch order depends on (seed, node, round) only, never on the rank: same run at any -n."""
+    state = np.random.SeedSequence([seed, stream, node, rnd]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views into a flat vector shaped like `like` (no copy)."""
+    out, start = [], 0
+    for t in like:
+        out.append(flat[start:start + t.numel()].view_as(t))
+        start += t.numel()
+    return out
+
+
+def flatten(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+@torch.no_grad()
+def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    torch._foreach_copy_(params, views(flat, params))
+
+
+def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+               epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator) -> None:
+    """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
+
+    The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
+    """
+    params = list(model.parameters())
+    n = len(y)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen).to(x.device)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, grads)
+                torch._foreach_add_(params, bufs, alpha=-lr)
+
+
+@dataclass
+class Chunk:
+    """Nodes finished by the engine: their ids and flat parameters [k, P]."""
+
+    nodes: list[int]
+    params: torch.Tensor
+
+
+class SequentialEngine:
+    """Trains this rank's nodes one after another on one working model (the reference engine)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: np.ndarray,
+                 first_node: int, cfg) -> None:
+        self.model, self.x, self.y, self.cfg = model, x, y, cfg
+        self.offsets, self.first_node = offsets, first_node
+        self.params = list(model.parameters())
+        size = sum(p.numel() for p in self.params)
+        # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
+        self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
+
+    def train(self, main: torch.Tensor, rnd: int) -> Iterator[Chunk]:
+        cfg = self.cfg
+        for k in range(len(self.offsets) - 1):
+            node = self.first_node + k
+            a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+            load_flat(self.params, main)
+            sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
+                       cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd))
+            yield Chunk([node], flatten(self.params)[None])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"momentum": self.momentum}

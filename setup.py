@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fedmpi",
+    version="0.1.0",
+    description="Federated averaging (FedAvg) as an MPI job on HPC clusters",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fedmpi", "fedmpi.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch", "torchvision", "numpy", "h5py", "mpi4py", "pyyaml"],
+    extras_require={
+        "mpich": ["mpich"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["fedmpi=fedmpi.cli:main"]},
+)
