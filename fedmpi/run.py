@@ -61,10 +61,10 @@ def ensure_data(cfg: Config, comm) -> Path:
 def setup(cfg: Config, comm) -> Rank:
     device = pick_device(cfg.device, comm.local_rank)
     configure_torch(pick_threads(cfg.threads, comm.local_size))
+    mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
     path = ensure_data(cfg, comm)
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
-    mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
     train = read_nodes(path, "train", mine.start, mine.stop)
     local = read_nodes(path, "local_test", mine.start, mine.stop)
     model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
@@ -187,6 +187,7 @@ def run(cfg: Config, run_dir: Path, comm) -> list[dict]:
         save_config(cfg, run_dir / "config.yaml")
     st = setup(cfg, comm)
     run_info(st, run_dir)
+    comm.barrier()  # rank 0 may have trained the baseline: keep that wait out of round 1's t_wait
     writer = MetricsWriter(run_dir) if comm.rank == 0 else None
     if st.central is not None:
         (run_dir / "central.json").write_text(json.dumps(st.central, indent=2) + "\n")

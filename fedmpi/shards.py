@@ -80,7 +80,7 @@ def open_shards(path: Path) -> h5py.File:
 
 def read_attrs(path: Path) -> dict:
     with open_shards(path) as f:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+        return {k: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for k, v in f.attrs.items()}
 
 
 def read_nodes(path: Path, group: str, first: int, stop: int) -> NodeShards:

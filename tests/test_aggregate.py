@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+
+from fedmpi.aggregate import UpdateSum, apply_update, node_weights, wire_bytes_estimate
+
+
+def test_node_weights():
+    assert node_weights("mean", np.array([10, 30])).tolist() == [1.0, 1.0]
+    assert node_weights("weighted", np.array([10, 30])).tolist() == [10.0, 30.0]
+
+
+def test_plain_mean_of_three_nodes_split_over_two_ranks_by_hand():
+    main = torch.tensor([1.0, 2.0])
+    # Node models (1, 4), (3, 2), (5, 0): the plain mean is (3, 2).
+    rank_a, rank_b = UpdateSum(main), UpdateSum(main)
+    rank_a.add(torch.tensor([[1.0, 4.0], [3.0, 2.0]]), np.array([1.0, 1.0]))
+    rank_b.add(torch.tensor([[5.0, 0.0]]), np.array([1.0]))
+    buf_a, buf_b = rank_a.pack(), rank_b.pack()
+    # Updates relative to main: (0, 2) + (2, 0) = (2, 2) with weight 2; (4, -2) with weight 1.
+    assert buf_a.tolist() == [2.0, 2.0, 2.0] and buf_b.tolist() == [4.0, -2.0, 1.0]
+    reduced = buf_a + buf_b  # what Allreduce(SUM) computes
+    assert apply_update(main, reduced).tolist() == [3.0, 2.0]
+
+
+def test_weighted_mean_by_sample_count_by_hand():
+    main = torch.zeros(1)
+    total = UpdateSum(main)
+    total.add(torch.tensor([[1.0], [4.0]]), node_weights("weighted", np.array([30, 10])))
+    # (30 * 1 + 10 * 4) / 40 = 1.75
+    assert apply_update(main, total.pack()).tolist() == [1.75]
+
+
+def test_payload_is_float32_params_plus_one_weight():
+    buf = UpdateSum(torch.zeros(199210)).pack()
+    assert buf.dtype == np.float32 and buf.nbytes == 4 * 199210 + 4
+
+
+def test_zero_total_weight_is_an_error():
+    with pytest.raises(ValueError, match="total weight is zero"):
+        apply_update(torch.zeros(2), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("ranks,expected", [(1, 0), (2, 1000), (4, 1500), (16, 1875)])
+def test_ring_wire_bytes_estimate(ranks, expected):
+    assert wire_bytes_estimate(1000, ranks) == expected

@@ -1,0 +1,66 @@
+import pytest
+
+from fedmpi.config import Config, load_config, parse_overrides
+from fedmpi.errors import ConfigError
+
+
+def test_tutorial_job_file_loads_with_the_tutorial_values(tmp_path):
+    cfg = load_config("jobs/mnist_iid.yaml")
+    assert (cfg.nodes, cfg.samples_per_node, cfg.partition, cfg.model) == (100, 450, "balanced", "2nn")
+    assert (cfg.rounds, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum) == (11, 10, 32, 0.01, 0.9)
+    assert (cfg.aggregation, cfg.central_epochs) == ("mean", 10)
+
+
+def test_overrides_are_parsed_as_yaml_scalars_and_win_over_the_file():
+    overrides = parse_overrides(["rounds=3", "lr=0.5", "model=cnn", "data_dir=null"])
+    assert overrides == {"rounds": 3, "lr": 0.5, "model": "cnn", "data_dir": None}
+    cfg = load_config("jobs/mnist_iid.yaml", overrides)
+    assert (cfg.rounds, cfg.lr, cfg.model, cfg.nodes) == (3, 0.5, "cnn", 100)
+
+
+def test_unknown_key_is_named_with_its_source(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("nodes: 4\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rate' \(from .*job.yaml\)"):
+        load_config(str(job))
+    with pytest.raises(ConfigError, match="unknown config key 'round' .from --set"):
+        load_config(None, {"round": 2})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("nodes", "many", "'nodes' must be of type int"),
+    ("nodes", 0, "'nodes' must be >= 1"),
+    ("lr", -1, "'lr' must be > 0"),
+    ("momentum", 1.0, "'momentum' must be in"),
+    ("model", "resnet", "'model' must be one of 2nn, cnn"),
+    ("rounds", True, "'rounds' must be of type int"),
+    ("data_dir", 5, "'data_dir' must be a string or null"),
+])
+def test_bad_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**{key: value})
+
+
+def test_int_is_accepted_for_a_float_key():
+    assert Config(lr=1).lr == 1.0 and isinstance(Config(lr=1).lr, float)
+
+
+def test_set_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        parse_overrides(["rounds"])
+
+
+def test_data_file_placeholders_are_filled_from_the_config():
+    cfg = Config(data_file="d/{dataset}-{nodes}-{seed}.h5", dataset="synthetic", nodes=7, seed=3)
+    assert str(cfg.data_path) == "d/synthetic-7-3.h5"
+    with pytest.raises(ConfigError, match="'data_file' has a bad placeholder"):
+        Config(data_file="{nope}.h5").data_path
+
+
+def test_config_file_that_is_not_a_mapping(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(str(job))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,110 @@
+"""The real job under real `mpirun`: rank invariance, outputs, and failures that must end every rank."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import SMALL, fedmpi, read_metrics
+
+FIELDS = ["round", "test_acc", "test_loss", "central_acc", "t_round", "t_train_max", "t_train_mean", "t_wait",
+          "t_allreduce", "payload_bytes", "wire_bytes_est", "local_acc_mean", "local_acc_min", "local_acc_max",
+          "main_on_local_acc_mean", "main_on_local_acc_min", "main_on_local_acc_max"]
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, tmp_path_factory):
+    """The same small job at -n 1, 2 and 4."""
+    out = {}
+    for n in (1, 2, 4):
+        run_dir = tmp_path_factory.mktemp(f"n{n}")
+        result = fedmpi(["run", "--set", *SMALL, small_data, "--out", str(run_dir)], ranks=n)
+        assert result.returncode == 0, result.stderr
+        out[n] = run_dir
+    return out
+
+
+def test_same_accuracy_per_round_and_near_equal_weights_at_any_rank_count(runs):
+    acc = {n: [r["test_acc"] for r in read_metrics(d)] for n, d in runs.items()}
+    assert len(acc[1]) == 3 and len(set(acc[1])) > 1  # the model is still learning: a real comparison
+    for n in (2, 4):
+        assert np.max(np.abs(np.array(acc[n]) - np.array(acc[1]))) <= 1e-4
+        for name, w in torch.load(runs[n] / "model.pt", weights_only=True).items():
+            w1 = torch.load(runs[1] / "model.pt", weights_only=True)[name]
+            assert torch.allclose(w, w1, rtol=1e-4, atol=1e-6), name
+
+
+def test_metrics_rows_carry_the_communication_cost(runs):
+    for n, run_dir in runs.items():
+        rows = read_metrics(run_dir)
+        assert [r["round"] for r in rows] == [1, 2, 3]
+        for row in rows:
+            assert all(row.get(k) is not None for k in FIELDS), [k for k in FIELDS if row.get(k) is None]
+            assert row["payload_bytes"] == 4 * 199_210 + 4
+            assert row["wire_bytes_est"] == round(2 * (n - 1) / n * row["payload_bytes"])
+            assert row["t_train_max"] >= row["t_train_mean"] > 0 and row["t_round"] >= row["t_train_max"]
+            assert 0 <= row["local_acc_min"] <= row["local_acc_mean"] <= row["local_acc_max"] <= 1
+        with open(run_dir / "metrics.csv") as f:
+            assert [int(r["round"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_run_directory_outputs(runs):
+    run_dir = runs[4]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["world_size"] == 4 and info["nodes_per_rank"] == [2, 2, 2, 2]
+    assert info["devices"] == ["cpu"] * 4 and "MPICH" in info["mpi_library"] and info["torch_version"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["nodes"] == 8
+    with open(run_dir / "nodes.csv") as f:
+        nodes = list(csv.DictReader(f))
+    assert [int(r["node"]) for r in nodes] == list(range(8))
+    assert [int(r["rank"]) for r in nodes] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {r["samples"] for r in nodes} == {"40"}
+    last = read_metrics(run_dir)[-1]
+    assert np.isclose(np.mean([float(r["main_on_local_acc"]) for r in nodes]), last["main_on_local_acc_mean"])
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    assert sum(v.numel() for v in state.values()) == 199_210
+
+
+def test_central_baseline_is_cached_for_a_rerun(small_data, tmp_path):
+    for expected in (False, True):
+        result = fedmpi(["run", "--set", *SMALL, small_data, "rounds=1", "--out", str(tmp_path)], ranks=2)
+        assert result.returncode == 0, result.stderr
+    central = json.loads((tmp_path / "central.json").read_text())
+    assert central["cached"] is True and len(central["test_acc"]) == 1
+    assert read_metrics(tmp_path)[0]["central_acc"] == central["test_acc"][-1]
+
+
+def test_run_prepares_a_missing_shard_file_on_rank_0(tmp_path):
+    data = tmp_path / "made-by-run.h5"
+    result = fedmpi(["run", "--set", *SMALL, f"data_file={data}", "rounds=1", "central_epochs=0",
+                     "--out", str(tmp_path / "run")], ranks=3)
+    assert result.returncode == 0, result.stderr
+    assert data.is_file() and read_metrics(tmp_path / "run")[0]["central_acc"] is None
+
+
+def test_an_exception_on_one_rank_ends_the_whole_job_quickly(small_data, tmp_path):
+    result = fedmpi(["run", "--set", *SMALL, small_data, "--out", str(tmp_path)], ranks=3, timeout=60,
+                    env={"FEDMPI_FAULT": "raise:rank=1:round=2"})
+    assert result.returncode != 0
+    assert result.stderr.count("injected fault (FEDMPI_FAULT) on rank 1 in round 2") == 1
+    assert result.seconds < 30
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1]  # the finished round is on disk
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "nodes=2"], "3 MPI ranks but only 2 nodes"),
+    (["--set", "learning_rate=0.1"], "unknown config key 'learning_rate'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--set", "dataset=mnist", "data_dir=/nonexistent/dir"], "data_dir /nonexistent/dir does not exist"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2_on_every_rank_count(small_data, tmp_path, args, message):
+    full = ["run", "--set", *SMALL, small_data] if "nodes=2" in args else ["run"]
+    if "data_dir=/nonexistent/dir" in args:
+        full = ["run", "--set", *SMALL, f"data_file={tmp_path}/absent.h5"]
+    result = fedmpi(full + args + ["--out", str(tmp_path)], ranks=3, timeout=60)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fedmpi: error")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert result.seconds < 30

@@ -1,0 +1,81 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from fedmpi.errors import DataError
+from fedmpi.sources import IDX_FILES, find_idx_dir, load_dataset, read_idx, synthetic
+
+
+def write_idx(path, array, compress):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def fake_mnist(folder, compress=True, n=20):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for key, stem in IDX_FILES.items():
+        shape = (n, 28, 28) if key.endswith("x") else (n,)
+        high = 256 if key.endswith("x") else 10
+        write_idx(folder / stem, rng.integers(0, high, shape), compress)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path, compress):
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    path = write_idx(tmp_path / "a-idx3-ubyte", array, compress)
+    assert np.array_equal(read_idx(path), array)
+
+
+def test_truncated_and_foreign_idx_files_are_named(tmp_path):
+    path = write_idx(tmp_path / "a-idx3-ubyte", np.zeros((2, 3, 4)), compress=False)
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match=f"{path} is truncated"):
+        read_idx(path)
+    path.write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(DataError, match="bad magic number"):
+        read_idx(path)
+
+
+def test_lookup_order_data_dir_then_env_then_cache(tmp_path, monkeypatch):
+    fake_mnist(tmp_path / "explicit", n=20)
+    fake_mnist(tmp_path / "env" / "raw", n=30)  # torchvision's raw/ layout is found too
+    fake_mnist(tmp_path / "cache" / "fedmpi" / "mnist", n=40)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDMPI_DATA", str(tmp_path / "env"))
+    assert len(load_dataset("mnist", str(tmp_path / "explicit")).train_y) == 20
+    assert len(load_dataset("mnist", None).train_y) == 30
+    monkeypatch.delenv("FEDMPI_DATA")
+    raw = load_dataset("mnist", None)
+    assert len(raw.train_y) == 40 and raw.train_x.shape == (40, 1, 28, 28) and raw.classes == 10
+
+
+def test_nothing_found_and_no_network_gives_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEDMPI_DATA", raising=False)
+    import socket
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(DataError, match="dataset 'fashion-mnist' not found in .* pass --data-dir DIR"):
+        load_dataset("fashion-mnist", str(tmp_path))
+    with pytest.raises(DataError, match="data_dir .*missing does not exist"):
+        load_dataset("mnist", str(tmp_path / "missing"))
+
+
+def test_find_idx_dir_needs_all_four_files(tmp_path):
+    fake_mnist(tmp_path)
+    assert find_idx_dir(tmp_path) == tmp_path
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert find_idx_dir(tmp_path) is None
+
+
+def test_synthetic_is_deterministic_and_label_balanced():
+    a, b = synthetic(100, seed=1), synthetic(100, seed=1)
+    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
+    assert np.bincount(a.train_y).tolist() == [10] * 10
+    assert not np.array_equal(a.train_x, synthetic(100, seed=2).train_x)
