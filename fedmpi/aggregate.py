@@ -1,8 +1,10 @@
 """Aggregation math, pure torch: no MPI here, so it is tested with hand-computed arrays.
 
-Each rank packs sum_k w_k * (theta_k - theta_main) over its nodes, followed by sum_k w_k, into
-one flat buffer; one Allreduce(SUM) adds the ranks; `apply_update` divides and adds the mean
-update to the main model. Summing updates rather than weights keeps the rounding error of the
+Each rank packs sum_k w_k * (theta_k - theta_main) over its nodes, followed by a trailer of
+sum_k w_k, the count of nodes dropped (NaN/Inf) and the rank's stop vote (a signal arrived),
+into one flat buffer; one Allreduce(SUM) adds the ranks, so the ranks agree on the average, on
+the dropped count and on stopping without another round trip; `apply_update` divides and adds
+the mean update to the main model. Summing updates rather than weights keeps the rounding error of the
 float32 collective at the scale of the update, far below the weights' own last bit, so the
 result hardly depends on how many ranks took part.
 """
@@ -35,20 +37,30 @@ class UpdateSum:
         self.total += w @ (params.double() - self.main.double())
         self.weight += float(np.sum(weights))
 
-    def pack(self) -> np.ndarray:
-        """The collective's payload: float32 [P + 1], the weight sum last."""
-        buf = np.empty(self.main.numel() + 1, dtype=np.float32)
-        buf[:-1] = self.total.cpu().numpy()
-        buf[-1] = self.weight
+    def pack(self, dropped: int = 0, stop: bool = False) -> np.ndarray:
+        """The collective's payload: float32 [P + 3] = updates, weight sum, dropped nodes, stop vote."""
+        size = self.main.numel()
+        buf = np.empty(size + TRAILER, dtype=np.float32)
+        buf[:size] = self.total.cpu().numpy()
+        buf[size:] = (self.weight, dropped, float(stop))
         return buf
+
+
+TRAILER = 3
+
+
+def trailer(reduced: np.ndarray) -> tuple[float, int, bool]:
+    """(total weight, nodes dropped, any rank voted to stop) from an all-reduced buffer."""
+    weight, dropped, stop = (float(v) for v in reduced[-TRAILER:])
+    return weight, int(round(dropped)), stop > 0
 
 
 def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:
     """The new main model from the all-reduced buffer: main + (sum of w*update) / (sum of w)."""
-    weight = float(reduced[-1])
+    weight = trailer(reduced)[0]
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
-    update = torch.from_numpy(reduced[:-1].astype(np.float64) / weight).to(main.device)
+    update = torch.from_numpy(reduced[:-TRAILER].astype(np.float64) / weight).to(main.device)
     return (main.double() + update).to(main.dtype)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rewrite the shard file even when it exists")
     prep.add_argument("--describe", action="store_true", help="print the shard file's attributes")
     sub.choices["run"].add_argument("--out", help="run directory (default runs/<config name>)")
+    sub.choices["run"].add_argument("--resume", metavar="RUN_DIR",
+                                    help="continue the run in RUN_DIR from its checkpoint (its config.yaml; --set may "
+                                         "change rounds, eval_every, device, threads, engine, checkpoint_every)")
     return parser
 
 
@@ -47,7 +51,7 @@ def cmd_run(cfg, args, comm) -> None:
     from .run import run
 
     stem = Path(args.config).stem if args.config else "default"
-    run_dir = Path(args.out or f"runs/{stem}")
+    run_dir = Path(args.resume or args.out or f"runs/{stem}")
     if comm.rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,9 +59,23 @@ def cmd_run(cfg, args, comm) -> None:
             (run_dir / ".write-test").unlink()
         except OSError as err:
             raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror})") from None
-    run(cfg, run_dir, comm)
-    if comm.rank == 0:
+    code = run(cfg, run_dir, comm, resume=args.resume is not None)
+    if comm.rank == 0 and code == 0:
         print(f"run directory: {run_dir}")
+    if code:
+        sys.exit(code)
+
+
+def resume_config(args) -> Optional[str]:
+    """--resume RUN_DIR reads RUN_DIR/config.yaml; --config and --out may not point elsewhere."""
+    if getattr(args, "resume", None) is None:
+        return args.config
+    if args.config or args.out:
+        raise ConfigError("--resume RUN_DIR takes the run's own config.yaml: drop --config and --out")
+    path = Path(args.resume) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a fedmpi run directory)")
+    return str(path)
 
 
 COMMANDS = {"prepare": cmd_prepare, "run": cmd_run}
@@ -71,7 +89,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         overrides = parse_overrides(args.set)
         if args.data_dir is not None:
             overrides["data_dir"] = args.data_dir
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(resume_config(args), overrides)
         COMMANDS[args.command](cfg, args, comm)
     except FedmpiError as err:
         fail_job(str(err), err.exit_code)

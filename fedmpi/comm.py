@@ -128,6 +128,7 @@ def fail_job(message: str, code: int) -> None:
     prefix = f"fedmpi: error (rank {comm.rank}/{comm.size}): " if comm.size > 1 else "fedmpi: error: "
     print(prefix + message, file=sys.stderr, flush=True)
     if comm.size > 1:
+        time.sleep(0.3)  # let the launcher forward the line before MPI_Abort tears the pipes down
         comm.abort(code)
     sys.exit(code)
 
@@ -140,6 +141,7 @@ def install_excepthook() -> None:
         previous(kind, value, tb)
         comm = world()
         print(f"fedmpi: rank {comm.rank}/{comm.size} failed; aborting the job", file=sys.stderr, flush=True)
+        time.sleep(0.3)  # let the launcher forward the traceback before MPI_Abort tears the pipes down
         comm.abort(1)
 
     sys.excepthook = hook

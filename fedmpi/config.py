@@ -21,7 +21,7 @@ PARTITIONS = ("balanced", "iid")
 MODELS = ("2nn", "cnn")
 AGGREGATIONS = ("mean", "weighted")
 DEVICES = ("auto", "cpu", "cuda")
-ENGINES = ("sequential",)
+ENGINES = ("batched", "sequential")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ class Config:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
-    engine: str = "sequential"
+    checkpoint_every: int = 0     # rounds between checkpoints; 0: only on a stop signal
+    max_dropped_fraction: float = 0.5  # stop with an error when more nodes than this diverge in a round
+    engine: str = "batched"
+    chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -61,9 +64,13 @@ class Config:
         for name in ("nodes", "samples_per_node", "rounds", "local_epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("test_per_node", "central_epochs", "threads", "seed"):
+        for name in ("test_per_node", "central_epochs", "threads", "seed", "chunk_nodes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}")
+        if not 0 <= self.max_dropped_fraction <= 1:
+            raise ConfigError(f"config key 'max_dropped_fraction' must be in [0, 1], got {self.max_dropped_fraction}")
         if not self.lr > 0:
             raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.aggregate import UpdateSum, apply_update, node_weights, wire_bytes_estimate
+from fedmpi.aggregate import UpdateSum, apply_update, node_weights, trailer, wire_bytes_estimate
 
 
 def test_node_weights():
@@ -18,7 +18,7 @@ def test_plain_mean_of_three_nodes_split_over_two_ranks_by_hand():
     rank_b.add(torch.tensor([[5.0, 0.0]]), np.array([1.0]))
     buf_a, buf_b = rank_a.pack(), rank_b.pack()
     # Updates relative to main: (0, 2) + (2, 0) = (2, 2) with weight 2; (4, -2) with weight 1.
-    assert buf_a.tolist() == [2.0, 2.0, 2.0] and buf_b.tolist() == [4.0, -2.0, 1.0]
+    assert buf_a.tolist() == [2.0, 2.0, 2.0, 0, 0] and buf_b.tolist() == [4.0, -2.0, 1.0, 0, 0]
     reduced = buf_a + buf_b  # what Allreduce(SUM) computes
     assert apply_update(main, reduced).tolist() == [3.0, 2.0]
 
@@ -31,14 +31,23 @@ def test_weighted_mean_by_sample_count_by_hand():
     assert apply_update(main, total.pack()).tolist() == [1.75]
 
 
-def test_payload_is_float32_params_plus_one_weight():
+def test_payload_is_float32_params_plus_a_three_value_trailer():
     buf = UpdateSum(torch.zeros(199210)).pack()
-    assert buf.dtype == np.float32 and buf.nbytes == 4 * 199210 + 4
+    assert buf.dtype == np.float32 and buf.nbytes == 4 * 199210 + 12
+
+
+def test_trailer_sums_dropped_nodes_and_stop_votes_over_ranks():
+    main = torch.zeros(2)
+    a, b, c = UpdateSum(main), UpdateSum(main), UpdateSum(main)
+    a.add(torch.ones(1, 2), np.array([1.0]))
+    reduced = a.pack(dropped=2, stop=False) + b.pack(dropped=1, stop=True) + c.pack()
+    assert trailer(reduced) == (1.0, 3, True)
+    assert trailer(a.pack() + c.pack()) == (1.0, 0, False)
 
 
 def test_zero_total_weight_is_an_error():
     with pytest.raises(ValueError, match="total weight is zero"):
-        apply_update(torch.zeros(2), np.zeros(3, np.float32))
+        apply_update(torch.zeros(2), np.zeros(5, np.float32))
 
 
 @pytest.mark.parametrize("ranks,expected", [(1, 0), (2, 1000), (4, 1500), (16, 1875)])

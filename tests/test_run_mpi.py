@@ -42,7 +42,7 @@ def test_metrics_rows_carry_the_communication_cost(runs):
         assert [r["round"] for r in rows] == [1, 2, 3]
         for row in rows:
             assert all(row.get(k) is not None for k in FIELDS), [k for k in FIELDS if row.get(k) is None]
-            assert row["payload_bytes"] == 4 * 199_210 + 4
+            assert row["payload_bytes"] == 4 * 199_210 + 12
             assert row["wire_bytes_est"] == round(2 * (n - 1) / n * row["payload_bytes"])
             assert row["t_train_max"] >= row["t_train_mean"] > 0 and row["t_round"] >= row["t_train_max"]
             assert 0 <= row["local_acc_min"] <= row["local_acc_mean"] <= row["local_acc_max"] <= 1
@@ -108,3 +108,24 @@ def test_bad_input_gives_one_line_and_exit_code_2_on_every_rank_count(small_data
     errors = [line for line in result.stderr.splitlines() if line.startswith("fedmpi: error")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert result.seconds < 30
+
+
+def test_a_diverged_node_is_left_out_of_that_rounds_average(small_data, tmp_path):
+    result = fedmpi(["run", "--set", *SMALL, small_data, "--out", str(tmp_path)], ranks=2,
+                    env={"FEDMPI_FAULT": "nan:node=5:round=2"})
+    assert result.returncode == 0, result.stderr
+    assert "node 5 (rank 1) diverged (NaN/Inf) in round 2" in result.stderr
+    rows = read_metrics(tmp_path)
+    assert [r["nodes_dropped"] for r in rows] == [0, 1, 0]
+    assert all(np.isfinite(r["test_loss"]) for r in rows)
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_too_many_diverged_nodes_stop_the_job_and_keep_the_last_checkpoint(small_data, tmp_path):
+    result = fedmpi(["run", "--set", *SMALL, small_data, "max_dropped_fraction=0", "checkpoint_every=1",
+                     "--out", str(tmp_path)], ranks=2, env={"FEDMPI_FAULT": "nan:node=0:round=2"})
+    assert result.returncode == 3
+    assert "1 of 8 nodes diverged (NaN/Inf) in round 2" in result.stderr
+    assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"] == 1
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1]

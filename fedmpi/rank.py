@@ -1,0 +1,96 @@
+"""Setting up one rank: device, data on the device, model, engine, baseline, resumed state."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .aggregate import node_weights
+from .batched import make_engine
+from .central import central_baseline
+from .config import Config
+from .device import configure_torch, pick_device, pick_threads
+from .models import build_model
+from .partition import node_ranges
+from .prepare import check_matches, prepare
+from .shards import read_attrs, read_nodes, read_test
+from .train import flatten
+
+
+@dataclass
+class Rank:
+    """Everything one rank holds during a run."""
+
+    cfg: Config
+    comm: Any
+    device: torch.device
+    model: torch.nn.Module
+    engine: Any                   # SequentialEngine or BatchedEngine: train(main, rnd) -> chunks
+    main: torch.Tensor            # the main model, flat; identical on every rank
+    first: int                    # this rank's first node id
+    samples: np.ndarray           # training samples per local node
+    weights: np.ndarray           # aggregation weight per local node
+    local_test: tuple             # (x, y, offsets) of the local nodes' test splits
+    test: Optional[tuple] = None  # (x, y) of the whole test set, rank 0 only
+    central: Optional[dict] = None  # the centralized baseline, rank 0 only
+    done_rounds: int = 0          # rounds finished before this process started (resume)
+    rows: Optional[list] = None   # metrics rows so far, rank 0 only
+
+
+def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> tuple:
+    """uint8 images -> float32 in [0, 1] on the device, held once per rank for the whole run."""
+    return torch.from_numpy(x).to(device).float().mul_(scale), torch.from_numpy(y).to(device)
+
+
+def ensure_data(cfg: Config, comm) -> Path:
+    """Rank 0 prepares the shard file when missing; the others wait for it, then all check it."""
+    if comm.rank == 0:
+        prepare(cfg)
+    comm.barrier()
+    check_matches(cfg, cfg.data_path)
+    return cfg.data_path
+
+
+def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
+    """Load this rank's nodes onto its device and build everything the round loop needs."""
+    device = pick_device(cfg.device, comm.local_rank)
+    configure_torch(pick_threads(cfg.threads, comm.local_size))
+    mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
+    resumed = checkpoint.load_meta(resume_dir, cfg) if resume_dir is not None else None
+    path = ensure_data(cfg, comm)
+    attrs = read_attrs(path)
+    shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
+    train = read_nodes(path, "train", mine.start, mine.stop)
+    local = read_nodes(path, "local_test", mine.start, mine.stop)
+    model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
+    x, y = to_device(train.x, train.y, scale, device)
+    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start),
+              flatten(list(model.parameters())), mine.start, train.counts,
+              node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
+    if resumed is not None:
+        restore(st, *resumed, mine.stop)
+    if comm.rank == 0:
+        st.test = to_device(*read_test(path), scale, device)
+        st.rows = st.rows or []
+        if cfg.central_epochs:
+            everything = read_nodes(path, "train", 0, cfg.nodes)
+            st.central = central_baseline(cfg, *to_device(everything.x, everything.y, scale, device), *st.test,
+                                          shape, classes)
+    return st
+
+
+def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
+    """Continue from a checkpoint: main model, every local node's momentum, rounds done, metrics."""
+    main = checkpoint.load_main(folder)
+    if main.shape != st.main.shape:
+        raise checkpoint.CheckpointError(f"checkpoint {folder}/main.pt holds {tuple(main.shape)} parameters, "
+                                         f"the model has {tuple(st.main.shape)}")
+    st.main = main.to(st.device)
+    momentum = st.engine.state()["momentum"]
+    momentum.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, momentum.shape[1]).to(st.device))
+    st.done_rounds = meta["round"]
+    st.rows = list(meta.get("metrics") or []) if st.comm.rank == 0 else None

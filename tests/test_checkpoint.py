@@ -1,0 +1,101 @@
+"""Checkpoint and resume under real mpirun: crash, signal, other rank counts, refused checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL, fedmpi, mpirun_path, read_metrics, ROOT
+
+ARGS = ["--set", *SMALL, "rounds=4", "checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory):
+    """The uninterrupted run at -n 2."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    result = fedmpi(["run", *ARGS, small_data, "--out", str(run_dir)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def assert_same_run(a, b, atol):
+    acc_a = [r["test_acc"] for r in read_metrics(a)]
+    acc_b = [r["test_acc"] for r in read_metrics(b)]
+    assert len(acc_a) == len(acc_b) == 4 and np.max(np.abs(np.subtract(acc_a, acc_b))) <= 1e-4
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=atol), name
+
+
+@pytest.mark.parametrize("resume_ranks", [2, 3])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(small_data, reference, tmp_path, resume_ranks):
+    crashed = fedmpi(["run", *ARGS, small_data, "--out", str(tmp_path)], ranks=2,
+                     env={"FEDMPI_FAULT": "raise:rank=1:round=3"})
+    assert crashed.returncode != 0
+    assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"] == 2
+    resumed = fedmpi(["run", "--resume", str(tmp_path)], ranks=resume_ranks)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "run.json").read_text())["resumed_from_round"] == 2
+    assert_same_run(reference, tmp_path, atol=1e-6)
+
+
+def rank_pids(marker: str) -> list[int]:
+    """Pids of the python ranks whose command line holds `marker`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if cmd and cmd[0].decode(errors="ignore").endswith(("python", "python3")) and marker.encode() in cmd:
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_stop_signal_checkpoints_exits_75_and_resume_finishes(small_data, reference, tmp_path):
+    out = str(tmp_path)
+    cmd = [mpirun_path(), "-n", "2", sys.executable, "-m", "fedmpi", "run", *ARGS, small_data,
+           "rounds=400", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "metrics.jsonl").exists() or not read_metrics(tmp_path):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never finished a round"
+        time.sleep(0.2)
+    pids = rank_pids(out)
+    assert len(pids) == 2
+    for _ in range(3):  # scancel may deliver the signal several times: the handler is idempotent
+        os.kill(pids[1], signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    stopped_at = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"]
+    assert [r["round"] for r in read_metrics(tmp_path)] == list(range(1, stopped_at + 1))
+    assert "fedmpi run --resume" in stdout
+    resumed = fedmpi(["run", "--resume", out, "--set", "rounds=4"], ranks=1)
+    if stopped_at < 4:
+        assert resumed.returncode == 0, resumed.stderr
+        assert_same_run(reference, tmp_path, atol=1e-5)
+
+
+def test_a_checkpoint_from_another_config_is_refused(small_data, reference, tmp_path):
+    result = fedmpi(["run", "--resume", str(reference), "--set", "lr=0.5"], ranks=2)
+    assert result.returncode == 2
+    assert "was made with another config" in result.stderr
+
+
+def test_a_corrupt_checkpoint_is_refused_with_its_file_named(small_data, tmp_path):
+    result = fedmpi(["run", *ARGS, small_data, "rounds=1", "--out", str(tmp_path)], ranks=2)
+    assert result.returncode == 0, result.stderr
+    main = tmp_path / "checkpoint" / "main.pt"
+    main.write_bytes(main.read_bytes()[:100])
+    result = fedmpi(["run", "--resume", str(tmp_path), "--set", "rounds=2"], ranks=2)
+    assert result.returncode == 2 and f"checkpoint file {main} is unreadable" in result.stderr
+    (tmp_path / "checkpoint" / "meta.json").write_text("{not json")
+    result = fedmpi(["run", "--resume", str(tmp_path), "--set", "rounds=2"], ranks=2)
+    assert result.returncode == 2 and "meta.json is corrupt" in result.stderr
