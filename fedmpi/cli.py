@@ -59,6 +59,10 @@ def cmd_run(cfg, args, comm) -> None:
             (run_dir / ".write-test").unlink()
         except OSError as err:
             raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror})") from None
+        unfinished = (run_dir / "checkpoint" / "meta.json").exists() and not (run_dir / "model.pt").exists()
+        if args.resume is None and unfinished:
+            raise ConfigError(f"--out {run_dir} holds a checkpoint of an unfinished run: continue it with "
+                              f"--resume {run_dir}, or choose another --out")
     code = run(cfg, run_dir, comm, resume=args.resume is not None)
     if comm.rank == 0 and code == 0:
         print(f"run directory: {run_dir}")

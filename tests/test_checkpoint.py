@@ -99,3 +99,12 @@ def test_a_corrupt_checkpoint_is_refused_with_its_file_named(small_data, tmp_pat
     (tmp_path / "checkpoint" / "meta.json").write_text("{not json")
     result = fedmpi(["run", "--resume", str(tmp_path), "--set", "rounds=2"], ranks=2)
     assert result.returncode == 2 and "meta.json is corrupt" in result.stderr
+
+
+def test_a_new_run_will_not_overwrite_an_unfinished_runs_checkpoint(small_data, tmp_path):
+    crashed = fedmpi(["run", *ARGS, small_data, "--out", str(tmp_path)], ranks=2,
+                     env={"FEDMPI_FAULT": "raise:rank=0:round=2"})
+    assert crashed.returncode != 0
+    again = fedmpi(["run", *ARGS, small_data, "--out", str(tmp_path)], ranks=2)
+    assert again.returncode == 2 and "holds a checkpoint of an unfinished run" in again.stderr
+    assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"] == 1
