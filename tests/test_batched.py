@@ -1,0 +1,129 @@
+"""The batched engine trains every node exactly as the sequential (reference) engine does."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fedmpi.batched import BatchedEngine, make_engine, make_plan, mlp_layers
+from fedmpi.config import Config
+from fedmpi.models import build_model
+from fedmpi.train import SequentialEngine, flatten
+
+# Unequal shards with batch 8: 37 and 13 end on a short batch, 64 has the most steps, 0 has none.
+UNEQUAL = [37, 50, 13, 64, 0, 8]
+EQUAL = [24, 24, 24, 24]
+TOL = 1e-5
+SHAPE = (1, 12, 12)  # small images keep the cnn's fc layer (and the test) small
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these tests are latency-bound, and spinning OpenMP threads crawl on a busy CI host."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def shards(counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(counts)
+    x = torch.rand(total, *SHAPE, generator=gen)
+    y = torch.randint(0, 10, (total,), generator=gen)
+    return x, y, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def config(chunk=0, epochs=2):
+    # lr as in the tutorial: at 5x that, float32 rounding noise grows chaotically on random labels
+    # within two rounds (the float64 test below shows the math itself agrees to 1e-15).
+    return SimpleNamespace(seed=7, local_epochs=epochs, batch_size=8, lr=0.01, momentum=0.9, chunk_nodes=chunk)
+
+
+def rel_diff(a, b):
+    """max |a - b| / max |b|: relative to the tensor's scale, so near-zero entries do not blow it up."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def run_rounds(engine_cls, model_name, counts, cfg, rounds, first_node=3):
+    """Train `rounds` FedAvg rounds (plain mean); returns every round's node params and the momentum."""
+    x, y, offsets = shards(counts)
+    model = build_model(model_name, SHAPE, 10, seed=1)
+    engine = engine_cls(model, x, y, offsets, first_node, cfg)
+    main, history = flatten(list(model.parameters())), []
+    for rnd in range(1, rounds + 1):
+        chunks = list(engine.train(main, rnd))
+        assert [n for c in chunks for n in c.nodes] == list(range(first_node, first_node + len(counts)))
+        params = torch.cat([c.params for c in chunks])
+        history.append(params)
+        main = params.mean(0)
+    return history, engine.state()["momentum"].clone()
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn"])
+@pytest.mark.parametrize("counts", [EQUAL, UNEQUAL], ids=["equal", "unequal"])
+def test_batched_equals_sequential_over_two_rounds(model_name, counts):
+    cfg = config()
+    ref, ref_mom = run_rounds(SequentialEngine, model_name, counts, cfg, rounds=2)
+    got, got_mom = run_rounds(BatchedEngine, model_name, counts, cfg, rounds=2)
+    for rnd, (r, g) in enumerate(zip(ref, got), 1):
+        assert g.shape == r.shape
+        assert rel_diff(g, r) <= TOL, f"round {rnd}"
+    assert rel_diff(got_mom, ref_mom) <= TOL
+    # Training moved every node with data, and the empty node kept the main model of its round.
+    moved = (got[1] - got[0].mean(0)).abs().amax(1)
+    assert all((moved[k] > 1e-3) == (n > 0) for k, n in enumerate(counts))
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn"])
+def test_in_float64_the_engines_agree_to_rounding(model_name):
+    """Same math, not just close: in float64 only the summation order differs."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref, ref_mom = run_rounds(SequentialEngine, model_name, UNEQUAL, config(chunk=4), rounds=2)
+        got, got_mom = run_rounds(BatchedEngine, model_name, UNEQUAL, config(chunk=4), rounds=2)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got[-1].dtype == torch.float64
+    assert rel_diff(got[-1], ref[-1]) <= 1e-12 and rel_diff(got_mom, ref_mom) <= 1e-12
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn"])
+def test_chunks_smaller_than_the_node_count_give_the_same_result(model_name):
+    whole, whole_mom = run_rounds(BatchedEngine, model_name, UNEQUAL, config(chunk=len(UNEQUAL)), rounds=2)
+    for chunk in (1, 4):
+        engine_chunks, mom = run_rounds(BatchedEngine, model_name, UNEQUAL, config(chunk=chunk), rounds=2)
+        assert rel_diff(engine_chunks[-1], whole[-1]) <= TOL
+        assert rel_diff(mom, whole_mom) <= TOL
+
+
+def test_a_node_short_of_batches_skips_the_padded_steps():
+    """A node with 1 batch per epoch next to one with 8 steps once per epoch, weight 1/size on its rows."""
+    x, y, offsets = shards([5, 64])
+    plan = make_plan(offsets, range(0, 2), 0, config(), 1, torch.device("cpu"), torch.float32)
+    assert plan.idx.shape == (16, 2, 8)
+    active = plan.active.numpy()
+    assert active[:, 1].all() and active[[0, 8], 0].all() and active[:, 0].sum() == 2
+    assert not plan.full[0] is True or plan.full.sum() == 2
+    w = plan.weight.numpy()
+    assert np.allclose(w[0, 0, :5], 1 / 5) and (w[0, 0, 5:] == 0).all() and (w[1, 0] == 0).all()
+    # Padding points into the node's own rows, so gathered rows are always real images.
+    assert ((plan.idx[:, 0] >= 0) & (plan.idx[:, 0] < 5)).all()
+
+
+def test_the_2nn_takes_the_hand_written_path_and_the_cnn_the_generic_one():
+    assert mlp_layers(build_model("2nn", SHAPE, 10, 0)) is not None
+    assert mlp_layers(build_model("cnn", SHAPE, 10, 0)) is None
+
+
+def test_config_selects_the_engine_and_checks_chunk_nodes():
+    x, y, offsets = shards(EQUAL)
+    model = build_model("2nn", SHAPE, 10, 0)
+    assert Config().engine == "batched"
+    assert isinstance(make_engine(Config(engine="sequential"), model, x, y, offsets, 0), SequentialEngine)
+    engine = make_engine(Config(chunk_nodes=3), model, x, y, offsets, 0)
+    assert isinstance(engine, BatchedEngine) and engine.chunk == 3
+    assert 1 <= make_engine(Config(), model, x, y, offsets, 0).chunk <= len(EQUAL)
+    with pytest.raises(Exception, match="chunk_nodes"):
+        Config(chunk_nodes=-1)
