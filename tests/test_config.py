@@ -94,3 +94,14 @@ def test_server_lr_defaults_to_the_optimizers_own_value_and_an_explicit_one_wins
     assert Config(server_opt="fedadam").server_lr == Config(server_opt="fedyogi").server_lr == 0.01
     assert Config(server_opt="fedadam", server_lr=0.1).server_lr == 0.1
     assert load_config(None, {"server_lr": None}).server_lr == 1.0
+
+
+@pytest.mark.parametrize("name,partition,model,epochs", [
+    ("mcmahan_2nn_iid", "iid", "2nn", 1), ("mcmahan_2nn_noniid", "shards", "2nn", 1),
+    ("mcmahan_cnn_iid", "iid", "cnn", 5), ("mcmahan_cnn_noniid", "shards", "cnn", 5),
+])
+def test_mcmahan_job_files_load_with_the_papers_setup(name, partition, model, epochs):
+    cfg = load_config(f"jobs/{name}.yaml")
+    assert (cfg.nodes, cfg.samples_per_node, cfg.partition, cfg.model) == (100, 600, partition, model)
+    assert (cfg.local_epochs, cfg.batch_size, cfg.fraction, cfg.aggregation) == (epochs, 10, 0.1, "weighted")
+    assert partition != "shards" or cfg.shards_per_node == 2
