@@ -36,6 +36,9 @@ class LocalComm:
     def allreduce_sum(self, buf: np.ndarray, dtype: Optional[str] = None) -> CollectiveTiming:
         return CollectiveTiming(0.0, 0.0)
 
+    def reduction_name(self, dtype: str) -> str:
+        return "none (single process)"
+
     def bcast(self, obj: Any) -> Any:
         return obj
 
@@ -79,9 +82,7 @@ class MPIComm:
         """
         target, op = buf, self._MPI.SUM
         if dtype is not None:
-            if dtype not in self._reductions:
-                self._reductions[dtype] = reduction_for(self._MPI, dtype)
-            datatype, op, _ = self._reductions[dtype]
+            datatype, op, _ = self._reduction(dtype)
             target = [buf, datatype]
         t0 = self._MPI.Wtime()
         self._world.Barrier()
@@ -89,6 +90,15 @@ class MPIComm:
         self._world.Allreduce(self._MPI.IN_PLACE, target, op=op)
         t2 = self._MPI.Wtime()
         return CollectiveTiming(t1 - t0, t2 - t1)
+
+    def _reduction(self, dtype: str) -> tuple:
+        if dtype not in self._reductions:
+            self._reductions[dtype] = reduction_for(self._MPI, dtype)
+        return self._reductions[dtype]
+
+    def reduction_name(self, dtype: str) -> str:
+        """Which MPI type or op sums a `dtype` buffer here (for run.json)."""
+        return self._reduction(dtype)[2]
 
     def bcast(self, obj: Any) -> Any:
         return self._world.bcast(obj, root=0)

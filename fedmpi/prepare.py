@@ -8,7 +8,7 @@ import numpy as np
 from .config import Config
 from .errors import DataError
 from .partition import PARTITIONERS, iid, like_train, offsets_of
-from .shards import read_attrs, read_nodes, write_shards
+from .shards import open_shards, read_attrs, write_shards
 from .sources import load_dataset
 
 # Partitions whose local test splits copy each node's training label proportions (see like_train).
@@ -90,8 +90,9 @@ def describe(path: Path) -> str:
     """The file's attributes, then one row per node: samples and the count of each label."""
     attrs = read_attrs(path)
     lines = [f"{k}: {v}" for k, v in sorted(attrs.items())]
-    train = read_nodes(path, "train", 0, int(attrs["num_nodes"]))
-    return "\n".join(lines + [""] + label_table(train.y, train.offsets, int(attrs["classes"])))
+    with open_shards(path) as f:  # labels and offsets only: the images are not needed here
+        y, offsets = f["train/y"][:], f["train/offsets"][:]
+    return "\n".join(lines + [""] + label_table(y, offsets, int(attrs["classes"])))
 
 
 def label_table(y: np.ndarray, offsets: np.ndarray, classes: int) -> list[str]:

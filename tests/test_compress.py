@@ -93,6 +93,7 @@ noisy = torch.from_numpy(np.random.default_rng(r).normal(0, 1e-3, 100_000).astyp
 for dtype in ("fp32", "fp16", "bf16"):
     for builtin in (True, False):
         key = f"{dtype}-{'builtin' if builtin else 'userop'}"
+        assert builtin is False or comm.reduction_name(dtype) == reduction_for(MPI, dtype)[2]
         datatype, op, how = reduction_for(MPI, dtype, builtin)
         res = []
         for x in (exact, noisy):
