@@ -14,6 +14,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .compress import bf16_add_into, fp16_add_into
+
+# Handles from MPICH's mpi.h (not its ABI build): MPIX_C_FLOAT16, MPIX_BFLOAT16.
+MPICH_FLOAT16, MPICH_BFLOAT16 = 0x4C000246, 0x4C00024C
+
 
 @dataclass
 class CollectiveTiming:
@@ -28,8 +33,11 @@ class LocalComm:
 
     rank, size, local_rank, local_size = 0, 1, 0, 1
 
-    def allreduce_sum(self, buf: np.ndarray) -> CollectiveTiming:
+    def allreduce_sum(self, buf: np.ndarray, dtype: Optional[str] = None) -> CollectiveTiming:
         return CollectiveTiming(0.0, 0.0)
+
+    def reduction_name(self, dtype: str) -> str:
+        return "none (single process)"
 
     def bcast(self, obj: Any) -> Any:
         return obj
@@ -64,15 +72,33 @@ class MPIComm:
         self.size = self._world.Get_size()
         self.local_rank = self._local.Get_rank()
         self.local_size = self._local.Get_size()
+        self._reductions: dict[str, tuple] = {}  # dtype -> (datatype, op, how), made at first use
 
-    def allreduce_sum(self, buf: np.ndarray) -> CollectiveTiming:
-        """Sum `buf` over all ranks in place; a barrier first separates waiting from transfer."""
+    def allreduce_sum(self, buf: np.ndarray, dtype: Optional[str] = None) -> CollectiveTiming:
+        """Sum `buf` over all ranks in place; a barrier first separates waiting from transfer.
+
+        dtype None: `buf`'s own numpy type. 'fp16'/'bf16': a buffer from compress.encode, summed
+        as half-precision values (bf16 bits are uint16, which a plain SUM would add as integers).
+        """
+        target, op = buf, self._MPI.SUM
+        if dtype is not None:
+            datatype, op, _ = self._reduction(dtype)
+            target = [buf, datatype]
         t0 = self._MPI.Wtime()
         self._world.Barrier()
         t1 = self._MPI.Wtime()
-        self._world.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        self._world.Allreduce(self._MPI.IN_PLACE, target, op=op)
         t2 = self._MPI.Wtime()
         return CollectiveTiming(t1 - t0, t2 - t1)
+
+    def _reduction(self, dtype: str) -> tuple:
+        if dtype not in self._reductions:
+            self._reductions[dtype] = reduction_for(self._MPI, dtype)
+        return self._reductions[dtype]
+
+    def reduction_name(self, dtype: str) -> str:
+        """Which MPI type or op sums a `dtype` buffer here (for run.json)."""
+        return self._reduction(dtype)[2]
 
     def bcast(self, obj: Any) -> Any:
         return self._world.bcast(obj, root=0)
@@ -93,6 +119,43 @@ class MPIComm:
 
     def library_version(self) -> str:
         return self._MPI.Get_library_version().strip().splitlines()[0]
+
+
+def reduction_for(MPI: Any, dtype: str, builtin: bool = True) -> tuple[Any, Any, str]:
+    """(datatype, op, how) to SUM a compress.encode buffer of `dtype` (fp32, fp16, bf16)."""
+    if dtype == "fp32":
+        return MPI.FLOAT, MPI.SUM, "MPI_FLOAT"
+    if dtype == "bf16":
+        return bf16_reduction(MPI, builtin)
+    if dtype != "fp16":
+        raise ValueError(f"no reduction for update dtype {dtype!r}")
+    float16 = getattr(MPI, "FLOAT16_T", MPI.DATATYPE_NULL)
+    if builtin and float16 != MPI.DATATYPE_NULL:  # MPICH: MPIX_C_FLOAT16; Open MPI has none
+        return float16, MPI.SUM, float16.Get_name()
+
+    def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        fp16_add_into(np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16))
+
+    return MPI.UINT16_T, MPI.Op.Create(add, commute=True), "user op"
+
+
+def bf16_reduction(MPI: Any, builtin: bool = True) -> tuple[Any, Any, str]:
+    """(datatype, op, how) to SUM bf16 bits: the library's own bf16 type, else a user-defined op on uint16."""
+    if builtin:
+        standard = getattr(MPI, "BFLOAT16_T", MPI.DATATYPE_NULL)
+        if standard != MPI.DATATYPE_NULL:
+            return standard, MPI.SUM, "MPI_BFLOAT16_T"
+        # mpi4py names no bf16 type under MPICH, yet MPICH sums its MPIX_BFLOAT16 natively. Its handle
+        # is a constant of MPICH's mpi.h: trust it only where MPIX_C_FLOAT16 has its mpi.h value too.
+        float16 = getattr(MPI, "FLOAT16_T", MPI.DATATYPE_NULL)
+        if (MPI.Get_library_version().startswith("MPICH") and hasattr(MPI.Datatype, "fromhandle")
+                and float16 != MPI.DATATYPE_NULL and float16.handle == MPICH_FLOAT16):
+            return MPI.Datatype.fromhandle(MPICH_BFLOAT16), MPI.SUM, "MPIX_BFLOAT16"
+
+    def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+        bf16_add_into(np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16))
+
+    return MPI.UINT16_T, MPI.Op.Create(add, commute=True), "user op"
 
 
 _WORLD: Any = None

@@ -17,11 +17,17 @@ import yaml
 from .errors import ConfigError
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
-PARTITIONS = ("balanced", "iid")
+PARTITIONS = ("balanced", "iid", "shards", "dirichlet", "quantity")
 MODELS = ("2nn", "cnn")
 AGGREGATIONS = ("mean", "weighted")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("batched", "sequential")
+SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
+UPDATE_DTYPES = ("fp32", "fp16", "bf16")
+# server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
+# the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
+# (Reddi et al. 2021 tune it near 10^-2 for Adam and Yogi on their image tasks).
+SERVER_LR_DEFAULTS = {"none": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,20 @@ class Config:
     max_dropped_fraction: float = 0.5  # stop with an error when more nodes than this diverge in a round
     engine: str = "batched"
     chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
+    # Non-IID partitions (issue 6).
+    alpha: float = 0.5              # dirichlet: concentration; smaller is more label skew
+    shards_per_node: int = 2        # shards: label-sorted shards dealt to each node (McMahan: 2)
+    quantity_sigma: float = 1.0     # quantity: sigma of the lognormal node sizes; 0 is equal sizes
+    # Client sampling, server optimizer, FedProx, compressed updates (issue 6).
+    fraction: float = 1.0           # C: share of nodes that train in a round
+    server_opt: str = "none"
+    server_lr: Optional[float] = None   # null: SERVER_LR_DEFAULTS[server_opt], resolved below
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    prox_mu: float = 0.0
+    update_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -77,6 +97,24 @@ class Config:
             raise ConfigError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
         if not self.data_file:
             raise ConfigError("config key 'data_file' must not be empty")
+        self._check_federated()
+
+    def _check_federated(self) -> None:
+        """The issue-6 keys: partitions, sampling, server optimizer, FedProx, update dtype."""
+        _check_choice("server_opt", self.server_opt, SERVER_OPTS)
+        _check_choice("update_dtype", self.update_dtype, UPDATE_DTYPES)
+        if self.server_lr is None:
+            object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS[self.server_opt])
+        _check_range("alpha", self.alpha, low=0.0, low_open=True)
+        _check_range("shards_per_node", self.shards_per_node, low=1)
+        _check_range("quantity_sigma", self.quantity_sigma, low=0.0)
+        _check_range("fraction", self.fraction, low=0.0, low_open=True, high=1.0)
+        _check_range("server_lr", self.server_lr, low=0.0, low_open=True)
+        _check_range("server_momentum", self.server_momentum, low=0.0, high=1.0, high_open=True)
+        _check_range("server_beta1", self.server_beta1, low=0.0, high=1.0, high_open=True)
+        _check_range("server_beta2", self.server_beta2, low=0.0, high=1.0, high_open=True)
+        _check_range("server_tau", self.server_tau, low=0.0, low_open=True)
+        _check_range("prox_mu", self.prox_mu, low=0.0)
 
     @property
     def data_path(self) -> Path:
@@ -105,6 +143,10 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         if value is None or isinstance(value, str):
             return value
         raise ConfigError(f"config key '{name}' must be a string or null, got {value!r}")
+    if kind == "Optional[float]":
+        if value is None:
+            return value
+        kind = "float"
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -117,6 +159,18 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(name: str, value: float, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError naming the key unless low <= value <= high (strict where *_open)."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high or value != value:  # value != value: NaN
+        left = "(" if low_open else "["
+        right = ")" if high_open or high is None else "]"
+        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise ConfigError(f"config key '{name}' must be in {span}, got {value}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -7,15 +7,53 @@ import numpy as np
 
 from .config import Config
 from .errors import DataError
-from .partition import PARTITIONERS, offsets_of
-from .shards import read_attrs, write_shards
+from .partition import PARTITIONERS, iid, like_train, offsets_of
+from .shards import open_shards, read_attrs, write_shards
 from .sources import load_dataset
+
+# Partitions whose local test splits copy each node's training label proportions (see like_train).
+LABEL_SKEWED = ("shards", "dirichlet")
+
+
+# Each partitioner's own hyperparameters: config key -> the partitioner's keyword argument.
+PARTITION_KEYS = {"shards": {"shards_per_node": "shards_per_node"}, "dirichlet": {"alpha": "alpha"},
+                  "quantity": {"quantity_sigma": "sigma"}}
+
+
+def partition_options(cfg: Config) -> dict:
+    """The keyword arguments of cfg's partitioner, taken from their config keys."""
+    return {arg: getattr(cfg, key) for key, arg in PARTITION_KEYS.get(cfg.partition, {}).items()}
 
 
 def expected_attrs(cfg: Config) -> dict:
     """The attributes a shard file made from `cfg` carries; a run checks them before training."""
-    return {"dataset": cfg.dataset, "partition": cfg.partition, "seed": cfg.seed, "num_nodes": cfg.nodes,
-            "samples_per_node": cfg.samples_per_node, "test_per_node": cfg.test_per_node}
+    attrs = {"dataset": cfg.dataset, "partition": cfg.partition, "seed": cfg.seed, "num_nodes": cfg.nodes,
+             "samples_per_node": cfg.samples_per_node, "test_per_node": cfg.test_per_node}
+    # Only the chosen partition's keys: files of the IID partitions stay as they were before issue 6.
+    attrs.update({key: getattr(cfg, key) for key in PARTITION_KEYS.get(cfg.partition, {})})
+    if cfg.partition in PARTITION_KEYS:
+        attrs["local_test_scheme"] = local_test_scheme(cfg.partition)
+    return attrs
+
+
+def local_test_scheme(partition: str) -> str:
+    """How local test splits are drawn: label-skewed ones follow the node's training labels."""
+    if partition in LABEL_SKEWED:
+        return "like_train"
+    return "iid" if partition == "quantity" else partition
+
+
+def local_test_parts(cfg: Config, raw, train_parts: list[np.ndarray]) -> list[np.ndarray]:
+    """Each node's local test split, test_per_node samples (test images may repeat across nodes)."""
+    if not cfg.test_per_node:
+        return [np.zeros(0, np.int64)] * cfg.nodes
+    scheme = local_test_scheme(cfg.partition)
+    if scheme == "like_train":
+        return like_train(train_parts, raw.train_y, raw.test_y, cfg.test_per_node, raw.classes, cfg.seed)
+    # quantity skew has IID labels: equal-size IID test splits keep per-node accuracies comparable.
+    split = iid if scheme == "iid" else PARTITIONERS[scheme]
+    # Local test splits may reuse a few test images when a label is short (MNIST has 892 fives).
+    return split(raw.test_y, cfg.nodes, cfg.test_per_node, raw.classes, cfg.seed, allow_reuse=True)
 
 
 def prepare(cfg: Config, force: bool = False) -> Path:
@@ -26,10 +64,9 @@ def prepare(cfg: Config, force: bool = False) -> Path:
         return path
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
     split = PARTITIONERS[cfg.partition]
-    train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed)
-    # Local test splits may reuse a few test images when a label is short (MNIST has 892 fives).
-    test_parts = split(raw.test_y, cfg.nodes, cfg.test_per_node, raw.classes, cfg.seed, allow_reuse=True) \
-        if cfg.test_per_node else [np.zeros(0, np.int64)] * cfg.nodes
+    train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
+                        **partition_options(cfg))
+    test_parts = local_test_parts(cfg, raw, train_parts)
     train_idx, test_idx = np.concatenate(train_parts), np.concatenate(test_parts).astype(np.int64)
     attrs = dict(expected_attrs(cfg), classes=raw.classes, input_shape=list(raw.train_x.shape[1:]),
                  pixel_scale=1.0 / 255.0)
@@ -50,5 +87,21 @@ def check_matches(cfg: Config, path: Path) -> None:
 
 
 def describe(path: Path) -> str:
+    """The file's attributes, then one row per node: samples and the count of each label."""
     attrs = read_attrs(path)
-    return "\n".join(f"{k}: {v}" for k, v in sorted(attrs.items()))
+    lines = [f"{k}: {v}" for k, v in sorted(attrs.items())]
+    with open_shards(path) as f:  # labels and offsets only: the images are not needed here
+        y, offsets = f["train/y"][:], f["train/offsets"][:]
+    return "\n".join(lines + [""] + label_table(y, offsets, int(attrs["classes"])))
+
+
+def label_table(y: np.ndarray, offsets: np.ndarray, classes: int) -> list[str]:
+    """Per-node label histograms as text rows, and a summary of sizes and labels per node."""
+    counts = np.stack([np.bincount(y[a:b], minlength=classes) for a, b in zip(offsets[:-1], offsets[1:])])
+    width = max(5, len(str(counts.max())) + 1)
+    head = f"{'node':>5} {'samples':>8}" + "".join(f"{c:>{width}}" for c in range(classes))
+    rows = [f"{n:>5} {row.sum():>8}" + "".join(f"{v:>{width}}" for v in row) for n, row in enumerate(counts)]
+    sizes, labels = counts.sum(1), (counts > 0).sum(1)
+    summary = (f"samples per node: min {sizes.min()}, mean {sizes.mean():.1f}, max {sizes.max()}; "
+               f"labels per node: min {labels.min()}, mean {labels.mean():.2f}, max {labels.max()}")
+    return [f"training label counts per node (columns: labels 0..{classes - 1})", head, *rows, summary]

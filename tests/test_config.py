@@ -64,3 +64,44 @@ def test_config_file_that_is_not_a_mapping(tmp_path):
         load_config(str(job))
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("alpha", 0, r"'alpha' must be in \(0.0, inf\)"),
+    ("shards_per_node", 0, r"'shards_per_node' must be in \[1, inf\)"),
+    ("quantity_sigma", -0.5, "'quantity_sigma' must be in"),
+    ("fraction", 0.0, r"'fraction' must be in \(0.0, 1.0\]"),
+    ("fraction", 1.01, "'fraction' must be in"),
+    ("fraction", float("nan"), "'fraction' must be in"),
+    ("server_opt", "adam", "'server_opt' must be one of none, fedavgm, fedadam, fedyogi"),
+    ("server_lr", 0, "'server_lr' must be in"),
+    ("server_lr", "fast", "'server_lr' must be of type float"),
+    ("server_momentum", 1.0, r"'server_momentum' must be in \[0.0, 1.0\)"),
+    ("server_beta1", -0.1, "'server_beta1' must be in"),
+    ("server_beta2", 1, "'server_beta2' must be in"),
+    ("server_tau", 0, "'server_tau' must be in"),
+    ("prox_mu", -1e-3, "'prox_mu' must be in"),
+    ("update_dtype", "int8", "'update_dtype' must be one of fp32, fp16, bf16"),
+    ("partition", "pathological", "'partition' must be one of balanced, iid, shards, dirichlet, quantity"),
+])
+def test_federated_keys_are_checked_by_name(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**{key: value})
+
+
+def test_server_lr_defaults_to_the_optimizers_own_value_and_an_explicit_one_wins():
+    assert (Config().server_lr, Config(server_opt="fedavgm").server_lr) == (1.0, 1.0)
+    assert Config(server_opt="fedadam").server_lr == Config(server_opt="fedyogi").server_lr == 0.01
+    assert Config(server_opt="fedadam", server_lr=0.1).server_lr == 0.1
+    assert load_config(None, {"server_lr": None}).server_lr == 1.0
+
+
+@pytest.mark.parametrize("name,partition,model,epochs", [
+    ("mcmahan_2nn_iid", "iid", "2nn", 1), ("mcmahan_2nn_noniid", "shards", "2nn", 1),
+    ("mcmahan_cnn_iid", "iid", "cnn", 5), ("mcmahan_cnn_noniid", "shards", "cnn", 5),
+])
+def test_mcmahan_job_files_load_with_the_papers_setup(name, partition, model, epochs):
+    cfg = load_config(f"jobs/{name}.yaml")
+    assert (cfg.nodes, cfg.samples_per_node, cfg.partition, cfg.model) == (100, 600, partition, model)
+    assert (cfg.local_epochs, cfg.batch_size, cfg.fraction, cfg.aggregation) == (epochs, 10, 0.1, "weighted")
+    assert partition != "shards" or cfg.shards_per_node == 2
