@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .compress import decode, encode
+
 
 def node_weights(aggregation: str, samples: np.ndarray) -> np.ndarray:
     """'mean': every node counts once (the tutorial); 'weighted': by its sample count (FedAvg)."""
@@ -37,31 +39,53 @@ class UpdateSum:
         self.total += w @ (params.double() - self.main.double())
         self.weight += float(np.sum(weights))
 
-    def pack(self, dropped: int = 0, stop: bool = False) -> np.ndarray:
-        """The collective's payload: float32 [P + 3] = updates, weight sum, dropped nodes, stop vote."""
+    def pack(self, dropped: int = 0, stop: bool = False, dtype: str = "fp32", round_weight: float = 1.0) -> np.ndarray:
+        """The collective's payload: [updates, weight, dropped nodes, stop vote] (P + 3 values).
+
+        fp32: the weighted sum itself, divided after the Allreduce. fp16/bf16: the sum divided by
+        the round's total weight first (known on every rank), so the values sit at the update's own
+        scale, well inside fp16's range, and the buffer sums to the mean update itself.
+        """
         size = self.main.numel()
-        buf = np.empty(size + TRAILER, dtype=np.float32)
-        buf[:size] = self.total.cpu().numpy()
-        buf[size:] = (self.weight, dropped, float(stop))
-        return buf
+        if dtype == "fp32":
+            buf = np.empty(size + TRAILER, dtype=np.float32)
+            buf[:size] = self.total.cpu().numpy()
+            buf[size:] = (self.weight, dropped, float(stop))
+            return buf
+        tail = torch.tensor([self.weight / round_weight, dropped, float(stop)], dtype=torch.float64,
+                            device=self.total.device)
+        return encode(torch.cat([self.total / round_weight, tail]), dtype)
 
 
 TRAILER = 3
 
 
-def trailer(reduced: np.ndarray) -> tuple[float, int, bool]:
-    """(total weight, nodes dropped, any rank voted to stop) from an all-reduced buffer."""
-    weight, dropped, stop = (float(v) for v in reduced[-TRAILER:])
+def trailer(reduced: np.ndarray, dtype: str = "fp32") -> tuple[float, int, bool]:
+    """(total weight, nodes dropped, any rank voted to stop) from an all-reduced buffer.
+
+    Compressed buffers carry the weight as the share of the round's weight that took part.
+    """
+    values = reduced[-TRAILER:] if dtype == "fp32" else decode(reduced[-TRAILER:], dtype).numpy()
+    weight, dropped, stop = (float(v) for v in values)
     return weight, int(round(dropped)), stop > 0
 
 
-def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:
-    """The new main model from the all-reduced buffer: main + (sum of w*update) / (sum of w)."""
-    weight = trailer(reduced)[0]
+def mean_update(reduced: np.ndarray, dtype: str = "fp32") -> torch.Tensor:
+    """The round's mean update (float64) from the all-reduced buffer."""
+    weight, dropped, _ = trailer(reduced, dtype)
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
-    update = torch.from_numpy(reduced[:-TRAILER].astype(np.float64) / weight).to(main.device)
-    return (main.double() + update).to(main.dtype)
+    if dtype == "fp32":
+        return torch.from_numpy(reduced[:-TRAILER].astype(np.float64) / weight)
+    update = decode(reduced[:-TRAILER], dtype).double()
+    # Pre-divided by the whole round's weight: rescale only when dropped nodes left a share out,
+    # since the half-precision share itself carries rounding error.
+    return update / weight if dropped else update
+
+
+def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:
+    """Plain FedAvg: main + (sum of w*update) / (sum of w), from an fp32 all-reduced buffer."""
+    return (main.double() + mean_update(reduced).to(main.device)).to(main.dtype)
 
 
 def wire_bytes_estimate(payload_bytes: int, ranks: int) -> int:

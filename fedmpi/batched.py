@@ -36,17 +36,18 @@ class Plan:
     full: np.ndarray         # [S] bool, host side: every node steps (the fast path)
 
 
-def make_plan(offsets: np.ndarray, rows: range, first_node: int, cfg, rnd: int, device, dtype) -> Plan:
+def make_plan(offsets: np.ndarray, rows: np.ndarray, first_node: int, cfg, rnd: int, device, dtype) -> Plan:
     """The batch order of nodes `rows` (local indices), drawn exactly as sgd_epochs draws it."""
     B, E = cfg.batch_size, cfg.local_epochs
-    counts = np.diff(offsets)[rows.start:rows.stop]
+    rows = np.asarray(rows, dtype=np.int64)
+    counts = np.diff(offsets)[rows]
     per_epoch = max(1, int(-(-counts.max() // B))) if len(counts) else 1
     S, K = E * per_epoch, len(rows)
     idx = np.zeros((S, K, B), dtype=np.int64)
     real = np.zeros((S, K, B), dtype=bool)
     for j, k in enumerate(rows):
         n, start = int(counts[j]), int(offsets[k])
-        gen = batch_generator(cfg.seed, first_node + k, rnd)
+        gen = batch_generator(cfg.seed, first_node + int(k), rnd)
         for e in range(E):
             # The epoch's order laid flat over its steps: row t goes to step t // B, slot t % B.
             order = np.full(per_epoch * B, start, dtype=np.int64)
@@ -92,15 +93,16 @@ class MLPKernel:
         self.slots = [(where[id(t)], tuple(t.shape)) for lin, _ in layers for t in (lin.weight, lin.bias)]
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-            plan: Plan, lr: float, m: float) -> torch.Tensor:
+            plan: Plan, lr: float, m: float, mu: float = 0.0) -> torch.Tensor:
         """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place."""
         K = mom.shape[0]
         params = self._split(main.expand(K, -1))
         bufs = self._split(mom)
+        self.anchor = self._split(main[None]) if mu else None
         xs = x.reshape(len(x), -1)
         for s in range(plan.idx.shape[0]):
             scale = None if plan.full[s] else plan.active[s]
-            self._step(params, bufs, xs, y, plan.idx[s], plan.weight[s], scale, lr, m)
+            self._step(params, bufs, xs, y, plan.idx[s], plan.weight[s], scale, lr, m, mu)
         mom.copy_(self._join(bufs))
         return self._join(params)
 
@@ -117,7 +119,7 @@ class MLPKernel:
             flat[:, o:o + int(np.prod(s))] = part.reshape(K, -1)
         return flat
 
-    def _step(self, params, bufs, xs, y, idx, weight, scale, lr: float, m: float) -> None:
+    def _step(self, params, bufs, xs, y, idx, weight, scale, lr: float, m: float, mu: float) -> None:
         K, B = idx.shape
         acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1)]
         for layer, relu in enumerate(self.relu):
@@ -140,11 +142,22 @@ class MLPKernel:
             bufs[2 * layer + 1].mul_(beta).add_(g.sum(1))
             if layer:
                 g = torch.bmm(g, params[2 * layer]).mul_(a > 0)
+        if mu:
+            self._proximal(params, bufs, scale, mu)
         if scale is None:
             torch._foreach_add_(params, bufs, alpha=-lr)
         else:
             for p, b in zip(params, bufs):
                 p.addcmul_(b, scale.view(-1, *[1] * (b.dim() - 1)), value=-lr)
+
+
+    def _proximal(self, params, bufs, scale, mu: float) -> None:
+        """FedProx: buf += mu (w - w_main), for the nodes that take this step."""
+        for p, b, a in zip(params, bufs, self.anchor):
+            d = (p - a).mul_(mu)
+            if scale is not None:
+                d.mul_(scale.view(-1, *[1] * (d.dim() - 1)))
+            b.add_(d)
 
 
 class VmapKernel:
@@ -165,7 +178,7 @@ class VmapKernel:
         self.grads = vmap(grad(loss))
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-            plan: Plan, lr: float, m: float) -> torch.Tensor:
+            plan: Plan, lr: float, m: float, mu: float = 0.0) -> torch.Tensor:
         """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place."""
         K = mom.shape[0]
         flat = main.expand(K, -1).clone()
@@ -175,6 +188,8 @@ class VmapKernel:
             idx = plan.idx[s]
             g = self.grads(params, x[idx], y[idx], plan.weight[s])
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
+            if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
+                g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))
             if plan.full[s]:
                 mom.mul_(m).add_(g)
                 flat.add_(mom, alpha=-lr)
@@ -235,17 +250,23 @@ class BatchedEngine:
         chunk = getattr(cfg, "chunk_nodes", 0)
         self.chunk = chunk if chunk > 0 else (auto_chunk(model, x, cfg.batch_size, nodes) if len(x) else 1)
 
-    def train(self, main: torch.Tensor, rnd: int) -> Iterator[Chunk]:
-        """Yield trained chunks in node order, each node started from `main`."""
-        cfg, nodes = self.cfg, len(self.offsets) - 1
-        for a in range(0, nodes, self.chunk):
-            rows = range(a, min(nodes, a + self.chunk))
-            ids = [self.first_node + k for k in rows]
-            if self.offsets[rows.stop] == self.offsets[a]:  # no data at all: the nodes keep `main`
-                yield Chunk(ids, main.expand(len(rows), -1).clone())
+    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
+        """Yield trained chunks in node order, each node started from `main`; `rows` limits the nodes."""
+        cfg, counts = self.cfg, np.diff(self.offsets)
+        rows = np.arange(len(counts)) if rows is None else np.asarray(rows, dtype=np.int64)
+        for a in range(0, len(rows), self.chunk):
+            part = rows[a:a + self.chunk]
+            ids = [self.first_node + int(k) for k in part]
+            if counts[part].sum() == 0:  # no data at all: the nodes keep `main`
+                yield Chunk(ids, main.expand(len(part), -1).clone())
                 continue
-            plan = make_plan(self.offsets, rows, self.first_node, cfg, rnd, self.x.device, self.x.dtype)
-            params = self.kernel.run(main, self.momentum[a:rows.stop], self.x, self.y, plan, cfg.lr, cfg.momentum)
+            plan = make_plan(self.offsets, part, self.first_node, cfg, rnd, self.x.device, self.x.dtype)
+            # A contiguous block trains in place; a sampled subset is gathered and written back.
+            block = part[-1] - part[0] + 1 == len(part)
+            mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
+            params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu)
+            if not block:
+                self.momentum[torch.from_numpy(part)] = mom
             yield Chunk(ids, params)
 
     def state(self) -> dict[str, torch.Tensor]:

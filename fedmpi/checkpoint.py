@@ -2,7 +2,7 @@
 
 RUN_DIR/checkpoint/ holds
   meta.json           round, config hash, metrics rows so far, the file list
-  main.pt             the main model (flat float32), plus server-side state
+  main.pt             the main model (flat float32) and the server optimizer's state
   nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]), one file per writing rank
 
 Every node's randomness is derived from (seed, node, round), so no RNG state needs saving.
@@ -43,7 +43,7 @@ def _sync_write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, momentum: torch.Tensor,
+def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: torch.Tensor,
          first: int, rows: Optional[list]) -> None:
     """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in."""
     tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
@@ -55,7 +55,8 @@ def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, momentu
     _sync_write(tmp / name, lambda f: torch.save({"first": first, "momentum": momentum.cpu()}, f))
     names = comm.gather(name)
     if comm.rank == 0:
-        _sync_write(tmp / "main.pt", lambda f: torch.save({"main": main.cpu()}, f))
+        state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
+        _sync_write(tmp / "main.pt", lambda f: torch.save(state, f))
         meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows}
         _sync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
         if final.exists():
@@ -99,6 +100,11 @@ def _load(path: Path) -> dict[str, Any]:
 
 def load_main(folder: Path) -> torch.Tensor:
     return _load(folder / "main.pt")["main"]
+
+
+def load_server(folder: Path) -> dict:
+    """The server optimizer's tensors (empty for plain FedAvg)."""
+    return _load(folder / "main.pt").get("server", {})
 
 
 def load_momentum(folder: Path, meta: dict, first: int, stop: int, size: int) -> torch.Tensor:

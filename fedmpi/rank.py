@@ -8,7 +8,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, server
 from .aggregate import node_weights
 from .batched import make_engine
 from .central import central_baseline
@@ -17,7 +17,7 @@ from .device import configure_torch, pick_device, pick_threads
 from .models import build_model
 from .partition import node_ranges
 from .prepare import check_matches, prepare
-from .shards import read_attrs, read_nodes, read_test
+from .shards import read_attrs, read_nodes, read_offsets, read_test
 from .train import flatten
 
 
@@ -39,6 +39,13 @@ class Rank:
     central: Optional[dict] = None  # the centralized baseline, rank 0 only
     done_rounds: int = 0          # rounds finished before this process started (resume)
     rows: Optional[list] = None   # metrics rows so far, rank 0 only
+    all_weights: Optional[np.ndarray] = None  # aggregation weight of every node (the round's total weight)
+    server: Any = None            # the server optimizer applied to the mean update
+
+    @property
+    def stop(self) -> int:
+        """One past this rank's last node id."""
+        return self.first + len(self.samples)
 
 
 def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> tuple:
@@ -71,6 +78,8 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start),
               flatten(list(model.parameters())), mine.start, train.counts,
               node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
+    st.all_weights = node_weights(cfg.aggregation, np.diff(read_offsets(path, "train")))
+    st.server = server.from_config(cfg)
     if resumed is not None:
         restore(st, *resumed, mine.stop)
     if comm.rank == 0:
@@ -90,6 +99,7 @@ def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
         raise checkpoint.CheckpointError(f"checkpoint {folder}/main.pt holds {tuple(main.shape)} parameters, "
                                          f"the model has {tuple(st.main.shape)}")
     st.main = main.to(st.device)
+    st.server.load_state(checkpoint.load_server(folder))
     momentum = st.engine.state()["momentum"]
     momentum.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, momentum.shape[1]).to(st.device))
     st.done_rounds = meta["round"]

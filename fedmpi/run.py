@@ -13,12 +13,14 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, faults
-from .aggregate import UpdateSum, apply_update, trailer
+from .aggregate import UpdateSum, mean_update, trailer
+from .compress import payload_bytes
 from .config import Config, save_config
 from .errors import FedmpiError
 from .evaluate import accuracy_loss, per_node_accuracy
 from .metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
 from .rank import Rank, setup
+from .sampling import local_selection, select_nodes
 from .stop import StopFlag
 from .train import load_flat
 
@@ -45,11 +47,12 @@ def sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def train_local(st: Rank, rnd: int) -> tuple[UpdateSum, np.ndarray, int, float]:
-    """Train this rank's nodes; returns their summed update, local-model accuracies, dropped count, seconds."""
+def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.ndarray, int, float]:
+    """Train this rank's selected nodes (local indices `rows`); returns their summed update,
+    local-model accuracies (NaN for nodes that sat the round out), dropped count, seconds."""
     update, local_acc, dropped = UpdateSum(st.main), np.full(len(st.samples), np.nan), 0
     lx, ly, loffsets = st.local_test
-    chunks, t_train = st.engine.train(st.main, rnd), 0.0
+    chunks, t_train = st.engine.train(st.main, rnd, rows), 0.0
     while True:
         t0 = sync(st.device)
         chunk = next(chunks, None)
@@ -80,19 +83,22 @@ def drop_diverged(st: Rank, nodes: list[int], finite: np.ndarray, rnd: int) -> i
 
 def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     """One round on this rank; every rank calls the same collectives in the same order."""
-    t0 = time.perf_counter()
-    # 1. broadcast: nothing to send, every rank holds the main model after the last Allreduce.
-    # 2. local training of this rank's nodes, starting from the main model.
-    update, local_acc, dropped, t_train = train_local(st, rnd)
+    t0, cfg = time.perf_counter(), st.cfg
+    # 1. broadcast: nothing to send, every rank holds the main model after the last Allreduce,
+    #    and computes the round's node selection itself (seeded by round, not by rank).
+    selected = select_nodes(cfg.nodes, cfg.fraction, cfg.seed, rnd)
+    # 2. local training of this rank's selected nodes, starting from the main model.
+    update, local_acc, dropped, t_train = train_local(st, rnd, local_selection(selected, st.first, st.stop) - st.first)
     faults.maybe_inject(st.comm.rank, rnd)
-    # 3. one Allreduce(SUM) of [sum w*update, sum w, dropped, stop votes], then divide.
-    buf = update.pack(dropped, stop.requested)
-    timing = st.comm.allreduce_sum(buf)
-    _, dropped_total, stop_all = trailer(buf)
-    if dropped_total > st.cfg.max_dropped_fraction * st.cfg.nodes:
-        raise DivergedError(f"{dropped_total} of {st.cfg.nodes} nodes diverged (NaN/Inf) in round {rnd}, more than "
-                            f"max_dropped_fraction={st.cfg.max_dropped_fraction}; the last checkpoint is kept")
-    st.main = apply_update(st.main, buf)
+    # 3. one Allreduce(SUM) of [updates, weight, dropped, stop votes]; a rank without selected
+    #    nodes sends zeros. Then the server optimizer steps along the mean update.
+    buf = update.pack(dropped, stop.requested, cfg.update_dtype, float(st.all_weights[selected].sum()))
+    timing = st.comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
+    _, dropped_total, stop_all = trailer(buf, cfg.update_dtype)
+    if dropped_total > cfg.max_dropped_fraction * len(selected):
+        raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
+                            f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
+    st.main = st.server.step(st.main, mean_update(buf, cfg.update_dtype).to(st.device))
     # 4. evaluate: the main model on each local test split here, on the test set at rank 0.
     t1 = sync(st.device)
     main_on_local = per_node_accuracy(st.model, st.main, *st.local_test)
@@ -106,7 +112,8 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
         return RoundResult(None, None, stop_all)
     # 5. record (rank 0).
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
-    row["nodes_dropped"] = dropped_total
+    row.update(nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
+               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes)
     return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
 
 
@@ -158,7 +165,8 @@ def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
         result = run_round(st, rnd, stop)
         record(st, run_dir, writer, result)
         if result.stop or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
-            checkpoint.save(run_dir, comm, cfg, rnd, st.main, st.engine.state()["momentum"], st.first, st.rows)
+            checkpoint.save(run_dir, comm, cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
+                            st.first, st.rows)
         if result.stop:
             if comm.rank == 0:
                 print(f"stopped after round {rnd} by a signal; checkpoint in {run_dir}/checkpoint; "

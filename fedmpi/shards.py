@@ -99,6 +99,15 @@ def read_nodes(path: Path, group: str, first: int, stop: int) -> NodeShards:
     return NodeShards(first, x, y, offsets[first:stop + 1] - offsets[first])
 
 
+def read_offsets(path: Path, group: str) -> np.ndarray:
+    """Every node's row offsets in `group` (small: nodes + 1 integers)."""
+    with open_shards(path) as f:
+        try:
+            return f[group]["offsets"][:]
+        except KeyError as err:
+            raise DataError(f"shard file {path}: missing dataset ({err})") from None
+
+
 def read_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open_shards(path) as f:
         try:

@@ -7,12 +7,14 @@ between rounds without one optimizer object per node.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .prox import add_proximal_
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
 
@@ -42,10 +44,12 @@ def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
 
 
 def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-               epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator) -> None:
+               epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator,
+               prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None) -> None:
     """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
 
     The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
+    With prox_mu > 0 (FedProx) the gradient of mu/2 ||w - anchor||^2 is added to each step's.
     """
     params = list(model.parameters())
     n = len(y)
@@ -54,7 +58,9 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            grads = torch.autograd.grad(loss, params)
+            grads = list(torch.autograd.grad(loss, params))
+            if prox_mu:
+                add_proximal_(grads, params, anchor, prox_mu)
             with torch.no_grad():
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
@@ -81,14 +87,17 @@ class SequentialEngine:
         # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
         self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
 
-    def train(self, main: torch.Tensor, rnd: int) -> Iterator[Chunk]:
+    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
+        """Yield each node trained from `main`; `rows` (local indices) limits it to the round's selection."""
         cfg = self.cfg
-        for k in range(len(self.offsets) - 1):
-            node = self.first_node + k
+        anchor = views(main, self.params)
+        for k in (range(len(self.offsets) - 1) if rows is None else rows):
+            node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
             load_flat(self.params, main)
             sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
-                       cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd))
+                       cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
+                       cfg.prox_mu, anchor)
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -34,10 +34,11 @@ def shards(counts, seed=0):
     return x, y, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-def config(chunk=0, epochs=2):
+def config(chunk=0, epochs=2, prox_mu=0.0):
     # lr as in the tutorial: at 5x that, float32 rounding noise grows chaotically on random labels
     # within two rounds (the float64 test below shows the math itself agrees to 1e-15).
-    return SimpleNamespace(seed=7, local_epochs=epochs, batch_size=8, lr=0.01, momentum=0.9, chunk_nodes=chunk)
+    return SimpleNamespace(seed=7, local_epochs=epochs, batch_size=8, lr=0.01, momentum=0.9, chunk_nodes=chunk,
+                           prox_mu=prox_mu)
 
 
 def rel_diff(a, b):
@@ -127,3 +128,28 @@ def test_config_selects_the_engine_and_checks_chunk_nodes():
     assert 1 <= make_engine(Config(), model, x, y, offsets, 0).chunk <= len(EQUAL)
     with pytest.raises(Exception, match="chunk_nodes"):
         Config(chunk_nodes=-1)
+
+
+def train_subset(engine_cls, model_name, cfg, rows, rounds=2):
+    """Rounds in which only the local nodes `rows` train (client sampling); returns params and momentum."""
+    x, y, offsets = shards(UNEQUAL)
+    model = build_model(model_name, SHAPE, 10, seed=1)
+    engine = engine_cls(model, x, y, offsets, 0, cfg)
+    main = flatten(list(model.parameters()))
+    for rnd in range(1, rounds + 1):
+        chunks = list(engine.train(main, rnd, rows))
+        assert [n for c in chunks for n in c.nodes] == rows.tolist()
+        params = torch.cat([c.params for c in chunks])
+        main = params.mean(0)
+    return params, engine.state()["momentum"].clone()
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn"])
+def test_fedprox_on_a_sampled_subset_is_the_same_in_both_engines(model_name):
+    rows = np.array([0, 2, 3, 5])  # not contiguous: the batched engine gathers and writes back momentum
+    ref, ref_mom = train_subset(SequentialEngine, model_name, config(chunk=3, prox_mu=0.5), rows)
+    got, got_mom = train_subset(BatchedEngine, model_name, config(chunk=3, prox_mu=0.5), rows)
+    assert rel_diff(got, ref) <= TOL and rel_diff(got_mom, ref_mom) <= TOL
+    assert (got_mom[[1, 4]] == 0).all() and (got_mom[rows] != 0).any(1).all()  # unselected nodes untouched
+    plain, _ = train_subset(BatchedEngine, model_name, config(chunk=3, prox_mu=0.0), rows)
+    assert rel_diff(got, plain) > 1e-4  # the proximal term really acted

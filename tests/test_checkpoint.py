@@ -37,6 +37,20 @@ def assert_same_run(a, b, atol):
 def test_resume_after_a_crash_equals_the_uninterrupted_run(small_data, reference, tmp_path, resume_ranks):
     crashed = fedmpi(["run", *ARGS, small_data, "--out", str(tmp_path)], ranks=2,
                      env={"FEDMPI_FAULT": "raise:rank=1:round=3"})
+    _resume_and_compare(reference, tmp_path, resume_ranks, crashed)
+
+
+def test_resume_keeps_the_server_optimizer_state(small_data, tmp_path):
+    """FedAdam's moments and the sampled rounds survive a crash and a resume at another rank count."""
+    extra = ["server_opt=fedadam", "fraction=0.5"]
+    reference = tmp_path / "reference"
+    assert fedmpi(["run", *ARGS, small_data, *extra, "--out", str(reference)], ranks=2).returncode == 0
+    crashed = fedmpi(["run", *ARGS, small_data, *extra, "--out", str(tmp_path / "run")], ranks=2,
+                     env={"FEDMPI_FAULT": "raise:rank=0:round=3"})
+    _resume_and_compare(reference, tmp_path / "run", 1, crashed)
+
+
+def _resume_and_compare(reference, tmp_path, resume_ranks, crashed):
     assert crashed.returncode != 0
     assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"] == 2
     resumed = fedmpi(["run", "--resume", str(tmp_path)], ranks=resume_ranks)

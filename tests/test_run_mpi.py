@@ -129,3 +129,32 @@ def test_too_many_diverged_nodes_stop_the_job_and_keep_the_last_checkpoint(small
     assert "1 of 8 nodes diverged (NaN/Inf) in round 2" in result.stderr
     assert json.loads((tmp_path / "checkpoint" / "meta.json").read_text())["round"] == 1
     assert [r["round"] for r in read_metrics(tmp_path)] == [1]
+
+
+def test_sampling_compression_and_a_server_optimizer_agree_across_rank_counts(small_data, tmp_path):
+    """C=0.5 of the nodes per round, the update sent in fp16, FedAvgM on the server: -n 1 == -n 3."""
+    from fedmpi.sampling import select_nodes
+
+    extra = ["fraction=0.5", "update_dtype=fp16", "server_opt=fedavgm", "server_momentum=0.5"]
+    rows = {}
+    for n in (1, 3):
+        result = fedmpi(["run", "--set", *SMALL, small_data, *extra, "--out", str(tmp_path / f"n{n}")], ranks=n)
+        assert result.returncode == 0, result.stderr
+        rows[n] = read_metrics(tmp_path / f"n{n}")
+    assert [r["test_acc"] for r in rows[1]] == [r["test_acc"] for r in rows[3]]
+    for row in rows[3]:
+        assert row["nodes_selected"] == 4 and row["update_dtype"] == "fp16"
+        assert row["payload_bytes"] == 2 * (199_210 + 3) and row["bytes_saved"] == row["payload_bytes"]
+    with open(tmp_path / "n3" / "nodes.csv") as f:
+        trained = [int(r["node"]) for r in csv.DictReader(f) if r["local_acc"] != ""]
+    assert trained == select_nodes(8, 0.5, 0, 3).tolist()  # only the round's selection trained
+
+
+def test_the_server_optimizer_changes_the_trajectory(small_data, tmp_path):
+    accs = {}
+    for opt in ("none", "fedadam"):
+        result = fedmpi(["run", "--set", *SMALL, small_data, f"server_opt={opt}", "--out", str(tmp_path / opt)],
+                        ranks=2)
+        assert result.returncode == 0, result.stderr
+        accs[opt] = [r["test_acc"] for r in read_metrics(tmp_path / opt)]
+    assert accs["none"] != accs["fedadam"]
