@@ -90,31 +90,38 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     # 2. local training of this rank's selected nodes, starting from the main model.
     update, local_acc, dropped, t_train = train_local(st, rnd, local_selection(selected, st.first, st.stop) - st.first)
     faults.maybe_inject(st.comm.rank, rnd)
-    # 3. one Allreduce(SUM) of [updates, weight, dropped, stop votes]; a rank without selected
-    #    nodes sends zeros. Then the server optimizer steps along the mean update.
-    buf = update.pack(dropped, stop.requested, cfg.update_dtype, float(st.all_weights[selected].sum()))
+    # 3. one Allreduce, then the server optimizer's step along the mean update.
+    buf, timing, dropped_total, stop_all = aggregate(st, rnd, update, dropped, stop.requested, selected)
+    # 4. evaluate: the main model on each local test split here, on the test set at rank 0.
+    t1 = sync(st.device)
+    main_on_local = per_node_accuracy(st.model, st.main, *st.local_test)
+    evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+    test = accuracy_loss(st.model, st.main, *st.test) if st.test is not None and evaluated else (None, None)
+    t_eval = sync(st.device) - t1
+    # 5. record: rank 0 gathers every rank's timings and node scores.
+    nodes = [dict(node=st.first + k, rank=st.comm.rank, samples=int(st.samples[k]), local_acc=float(local_acc[k]),
+                  main_on_local_acc=float(main_on_local[k])) for k in range(len(st.samples))]
+    per_rank = st.comm.gather(dict(t_train=t_train, t_wait=timing.t_wait, t_allreduce=timing.t_allreduce, nodes=nodes))
+    if per_rank is None:
+        return RoundResult(None, None, stop_all)
+    row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
+    row.update(nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
+               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes)
+    return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
+
+
+def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, stop: bool, selected: np.ndarray) -> tuple:
+    """Allreduce(SUM) of [updates, weight, dropped, stop votes] (a rank without selected nodes sends
+    zeros), then move the main model; returns the buffer, timings, dropped total, agreed stop."""
+    cfg = st.cfg
+    buf = update.pack(dropped, stop, cfg.update_dtype, float(st.all_weights[selected].sum()))
     timing = st.comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
     _, dropped_total, stop_all = trailer(buf, cfg.update_dtype)
     if dropped_total > cfg.max_dropped_fraction * len(selected):
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
     st.main = st.server.step(st.main, mean_update(buf, cfg.update_dtype).to(st.device))
-    # 4. evaluate: the main model on each local test split here, on the test set at rank 0.
-    t1 = sync(st.device)
-    main_on_local = per_node_accuracy(st.model, st.main, *st.local_test)
-    evaluated = rnd % st.cfg.eval_every == 0 or rnd == st.cfg.rounds
-    test = accuracy_loss(st.model, st.main, *st.test) if st.test is not None and evaluated else (None, None)
-    t_eval = sync(st.device) - t1
-    nodes = [dict(node=st.first + k, rank=st.comm.rank, samples=int(st.samples[k]), local_acc=float(local_acc[k]),
-                  main_on_local_acc=float(main_on_local[k])) for k in range(len(st.samples))]
-    per_rank = st.comm.gather(dict(t_train=t_train, t_wait=timing.t_wait, t_allreduce=timing.t_allreduce, nodes=nodes))
-    if per_rank is None:
-        return RoundResult(None, None, stop_all)
-    # 5. record (rank 0).
-    row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
-    row.update(nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
-               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes)
-    return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
+    return buf, timing, dropped_total, stop_all
 
 
 def progress(st: Rank, done: int) -> None:
