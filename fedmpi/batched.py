@@ -62,7 +62,7 @@ def make_plan(offsets: np.ndarray, rows: np.ndarray, first_node: int, cfg, rnd: 
 
 
 def mlp_layers(model: nn.Module) -> Optional[list[tuple[nn.Linear, bool]]]:
-    """[(Linear, followed by ReLU)] when the model is Flatten? (Linear ReLU?)+, else None."""
+    """[(Linear, followed by ReLU)] when the model is Flatten? (Linear ReLU?)* Linear, else None."""
     mods = list(model.children()) if isinstance(model, nn.Sequential) else []
     if mods and isinstance(mods[0], nn.Flatten):
         mods = mods[1:]
@@ -74,7 +74,8 @@ def mlp_layers(model: nn.Module) -> Optional[list[tuple[nn.Linear, bool]]]:
             layers[-1] = (layers[-1][0], True)
         else:
             return None
-    return layers or None
+    # The hand-written backward starts from the logits: a ReLU after the last layer goes to vmap.
+    return layers if layers and not layers[-1][1] else None
 
 
 class MLPKernel:

@@ -116,6 +116,8 @@ def test_a_node_short_of_batches_skips_the_padded_steps():
 def test_the_2nn_takes_the_hand_written_path_and_the_cnn_the_generic_one():
     assert mlp_layers(build_model("2nn", SHAPE, 10, 0)) is not None
     assert mlp_layers(build_model("cnn", SHAPE, 10, 0)) is None
+    # A ReLU after the logits has no place in the hand-written backward: the generic path takes it.
+    assert mlp_layers(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())) is None
 
 
 def test_config_selects_the_engine_and_checks_chunk_nodes():
