@@ -10,6 +10,7 @@ from .errors import DataError
 from .partition import PARTITIONERS, offsets_of
 from .shards import read_attrs, write_shards
 from .sources import load_dataset
+from .validate import validate_shards
 
 
 def expected_attrs(cfg: Config) -> dict:
@@ -41,8 +42,8 @@ def prepare(cfg: Config, force: bool = False) -> Path:
 
 
 def check_matches(cfg: Config, path: Path) -> None:
-    """Refuse a shard file made from another dataset, partition, seed or size."""
-    attrs = read_attrs(path)
+    """Refuse a malformed shard file, or one made from another dataset, partition, seed or size."""
+    attrs = validate_shards(path)
     for key, want in expected_attrs(cfg).items():
         if attrs.get(key) != want:
             raise DataError(f"shard file {path} was made with {key}={attrs.get(key)!r}, the config says {want!r}; "
