@@ -44,7 +44,8 @@ def check_attrs(path: Path, raw: h5py.AttributeManager) -> dict:
             raise DataError(f"shard file {path}: attribute '{key}' is missing")
     for key in INT_ATTRS:
         if not is_int(attrs[key]) or attrs[key] < 0:
-            raise DataError(f"shard file {path}: attribute '{key}' must be a non-negative integer, got {show(attrs[key])}")
+            raise DataError(f"shard file {path}: attribute '{key}' must be a non-negative integer, "
+                            f"got {show(attrs[key])}")
     for key in ("num_nodes", "classes"):
         if attrs[key] < 1:
             raise DataError(f"shard file {path}: attribute '{key}' must be >= 1, got {show(attrs[key])}")
@@ -68,7 +69,8 @@ def check_group(path: Path, f: h5py.File, group: str, attrs: dict, empty_nodes_o
     if offsets.dtype.kind not in "iu" or offsets.ndim != 1:
         raise DataError(f"{where} must be a 1-d integer array, got {offsets.dtype} {list(offsets.shape)}")
     if len(offsets) != attrs["num_nodes"] + 1:
-        raise DataError(f"{where} has {len(offsets)} entries, num_nodes={attrs['num_nodes']} needs {attrs['num_nodes'] + 1}")
+        nodes = attrs["num_nodes"]
+        raise DataError(f"{where} has {len(offsets)} entries, num_nodes={nodes} needs {nodes + 1}")
     o = offsets[:].astype(np.int64)
     if o[0] != 0:
         raise DataError(f"{where} must start at 0, starts at {o[0]}")
@@ -77,7 +79,8 @@ def check_group(path: Path, f: h5py.File, group: str, attrs: dict, empty_nodes_o
         i = int(np.flatnonzero(steps < 0)[0])
         raise DataError(f"{where} is not monotonic: offsets[{i}]={o[i]} > offsets[{i + 1}]={o[i + 1]}")
     if o[-1] != n:
-        raise DataError(f"{where} ends {'past' if o[-1] > n else 'short of'} the data: at {o[-1]}, /{group}/x has {n} rows")
+        side = "past" if o[-1] > n else "short of"
+        raise DataError(f"{where} ends {side} the data: at {o[-1]}, /{group}/x has {n} rows")
     if not empty_nodes_ok and (steps == 0).any():
         raise DataError(f"{where}: node {int(np.flatnonzero(steps == 0)[0])} has zero samples")
 
@@ -89,7 +92,8 @@ def check_xy(path: Path, f: h5py.File, group: str, attrs: dict) -> int:
     if x.dtype != np.uint8:
         raise DataError(f"shard file {path}: /{group}/x has dtype {x.dtype}, expected uint8")
     if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != shape:
-        raise DataError(f"shard file {path}: /{group}/x has shape {list(x.shape)}, expected [N, {', '.join(map(str, shape))}]")
+        want = ", ".join(["N", *map(str, shape)])
+        raise DataError(f"shard file {path}: /{group}/x has shape {list(x.shape)}, expected [{want}]")
     if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
         raise DataError(f"shard file {path}: /{group}/y is {y.dtype} {list(y.shape)}, expected integer [{x.shape[0]}]")
     check_labels(path, y, f"/{group}/y", attrs["classes"])
