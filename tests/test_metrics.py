@@ -58,7 +58,7 @@ def check_intact(run_dir, acknowledged, blob):
 
 
 def kill_writer(run_dir, kill_at, blob, delay=None):
-    """Start the writer, SIGKILL it mid-write (or after `delay` s); returns the rounds it finished."""
+    """Start the writer, SIGKILL it mid-write (or `delay` s after round 1); returns the rounds it finished."""
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir), str(kill_at), str(blob)],
                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -68,6 +68,8 @@ def kill_writer(run_dir, kill_at, blob, delay=None):
                 lines.append(proc.stdout.readline().strip())
                 assert lines[-1], "the writer ended before reaching the write to interrupt"
         else:
+            lines.append(proc.stdout.readline().strip())  # round 1 is written: the kill lands in a later write
+            assert lines == ["1"], lines
             time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         lines += proc.communicate(timeout=30)[0].split()
