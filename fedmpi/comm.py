@@ -52,6 +52,9 @@ class LocalComm:
         return "none (single process, mpi4py not installed)"
 
 
+ABORT_GRACE_S = 0.5  # time for the launcher to forward a failing rank's last output
+
+
 class MPIComm:
     """COMM_WORLD plus the node-local communicator that decides which GPU a rank uses."""
 
@@ -89,6 +92,9 @@ class MPIComm:
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # Abort tears down the launcher's output forwarding; without a pause this rank's last
+        # lines (its error) can be lost (seen under MPICH hydra on a loaded machine).
+        time.sleep(ABORT_GRACE_S)
         self._world.Abort(code)
 
     def library_version(self) -> str:
