@@ -11,7 +11,7 @@ setup(
     install_requires=["torch", "torchvision", "numpy", "h5py", "mpi4py", "pyyaml"],
     extras_require={
         "mpich": ["mpich"],
-        "test": ["pytest"],
+        "test": ["pytest", "hypothesis"],
     },
     entry_points={"console_scripts": ["fedmpi=fedmpi.cli:main"]},
 )

@@ -60,6 +60,9 @@ class LocalComm:
         return "none (single process, mpi4py not installed)"
 
 
+ABORT_GRACE_S = 0.5  # time for the launcher to forward a failing rank's last output
+
+
 class MPIComm:
     """COMM_WORLD plus the node-local communicator that decides which GPU a rank uses."""
 
@@ -115,6 +118,9 @@ class MPIComm:
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # Abort tears down the launcher's output forwarding; without a pause this rank's last
+        # lines (its error) can be lost (seen under MPICH hydra on a loaded machine).
+        time.sleep(ABORT_GRACE_S)
         self._world.Abort(code)
 
     def library_version(self) -> str:
@@ -191,7 +197,6 @@ def fail_job(message: str, code: int) -> None:
     prefix = f"fedmpi: error (rank {comm.rank}/{comm.size}): " if comm.size > 1 else "fedmpi: error: "
     print(prefix + message, file=sys.stderr, flush=True)
     if comm.size > 1:
-        time.sleep(0.3)  # let the launcher forward the line before MPI_Abort tears the pipes down
         comm.abort(code)
     sys.exit(code)
 
@@ -204,7 +209,6 @@ def install_excepthook() -> None:
         previous(kind, value, tb)
         comm = world()
         print(f"fedmpi: rank {comm.rank}/{comm.size} failed; aborting the job", file=sys.stderr, flush=True)
-        time.sleep(0.3)  # let the launcher forward the traceback before MPI_Abort tears the pipes down
         comm.abort(1)
 
     sys.excepthook = hook

@@ -1,50 +1,92 @@
 """Fault injection for tests, off unless $FEDMPI_FAULT is set.
 
-FEDMPI_FAULT=KIND:rank=R:round=T[:seconds=S]   KIND is raise, exit or delay;
-FEDMPI_FAULT=nan:node=K:round=T                  node K's update becomes NaN in round T.
+FEDMPI_FAULT=SPEC[,SPEC...], each SPEC one of
+  raise:rank=R:round=T               rank R raises RuntimeError after training round T
+  exit:rank=R:round=T                rank R leaves with os._exit(3): no traceback, no MPI_Finalize
+  kill:rank=R:round=T                rank R sends itself SIGKILL (as the OOM killer would)
+  delay:rank=R:round=T[:seconds=S]   rank R sleeps S seconds (default 1) before the collective: a straggler
+  nan:node=K:round=T                 poison_node(K, T) is True: the training loop makes node K's update NaN
 """
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 from .errors import ConfigError
 
-KINDS = ("raise", "exit", "delay", "nan")
+ENV = "FEDMPI_FAULT"
+RANK_KINDS = ("raise", "exit", "kill", "delay")
+KINDS = RANK_KINDS + ("nan",)
+USAGE = "expected KIND:rank=R:round=T[:seconds=S] or nan:node=K:round=T, KIND one of raise, exit, kill, delay"
 
 
-def parse(spec: str) -> tuple[str, dict[str, float]]:
-    kind, *parts = spec.split(":")
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: where (rank or node), when (round) and, for delay, how long."""
+
+    kind: str
+    round: int
+    rank: Optional[int] = None
+    node: Optional[int] = None
+    seconds: float = 1.0
+
+
+def parse(spec: str) -> list[Fault]:
+    """All faults in a FEDMPI_FAULT value; ConfigError naming the variable for anything malformed."""
+    return [parse_one(part.strip(), spec) for part in spec.split(",") if part.strip()]
+
+
+def parse_one(part: str, spec: str) -> Fault:
+    kind, *fields = part.split(":")
+    bad = f"{ENV}={spec!r}"
+    if kind not in KINDS:
+        raise ConfigError(f"{bad}: unknown fault kind {kind!r}; {USAGE}")
+    allowed = {"round", "node"} if kind == "nan" else {"round", "rank"} | ({"seconds"} if kind == "delay" else set())
+    params: dict[str, str] = {}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep or key not in allowed or key in params:
+            raise ConfigError(f"{bad}: bad field {field!r} for {kind}; {USAGE}")
+        params[key] = value
+    missing = sorted(allowed - {"seconds"} - set(params))
+    if missing:
+        raise ConfigError(f"{bad}: {kind} needs {', '.join(k + '=' for k in missing)}; {USAGE}")
     try:
-        params = {k: float(v) for k, v in (p.split("=", 1) for p in parts)}
+        ints = {k: int(v) for k, v in params.items() if k != "seconds"}
+        seconds = float(params.get("seconds", 1.0))
     except ValueError:
-        raise ConfigError(f"FEDMPI_FAULT={spec!r}: expected KIND:rank=R:round=T[:seconds=S]") from None
-    target = "node" if kind == "nan" else "rank"
-    if kind not in KINDS or target not in params or "round" not in params:
-        raise ConfigError(f"FEDMPI_FAULT={spec!r}: KIND must be one of {', '.join(KINDS)}, "
-                          f"with rank= (node= for nan) and round=")
-    return kind, params
+        raise ConfigError(f"{bad}: rank, node and round must be integers, seconds a number") from None
+    if min(ints.values()) < 0 or not seconds >= 0:
+        raise ConfigError(f"{bad}: values must be >= 0")
+    return Fault(kind, seconds=seconds, **ints)
 
 
-def poison_node(node: int, rnd: int) -> bool:
-    """True when FEDMPI_FAULT asks for node's update to be NaN in this round."""
-    spec = os.environ.get("FEDMPI_FAULT")
-    if not spec or not spec.startswith("nan"):
-        return False
-    _, params = parse(spec)
-    return int(params["node"]) == node and int(params["round"]) == rnd
+def active() -> list[Fault]:
+    """The faults $FEDMPI_FAULT asks for (none when unset or empty)."""
+    return parse(os.environ.get(ENV, ""))
 
 
 def maybe_inject(rank: int, rnd: int) -> None:
-    """Called once per round on every rank, after local training."""
-    spec = os.environ.get("FEDMPI_FAULT")
-    if not spec:
-        return
-    kind, params = parse(spec)
-    if kind == "nan" or int(params["rank"]) != rank or int(params["round"]) != rnd:
-        return
-    if kind == "raise":
-        raise RuntimeError(f"injected fault (FEDMPI_FAULT) on rank {rank} in round {rnd}")
-    if kind == "exit":
-        os._exit(3)
-    time.sleep(params.get("seconds", 1.0))
+    """Called once per round on every rank, after local training and before the collective."""
+    for fault in active():
+        if fault.kind not in RANK_KINDS or fault.rank != rank or fault.round != rnd:
+            continue
+        # The wall-clock instant lets a test measure how long the job takes to end after the fault.
+        print(f"fedmpi: fault injection: {fault.kind} on rank {rank}, round {rnd}, at unix time {time.time():.3f}",
+              file=sys.stderr, flush=True)
+        if fault.kind == "raise":
+            raise RuntimeError(f"injected fault ({ENV}) on rank {rank} in round {rnd}")
+        if fault.kind == "exit":
+            os._exit(3)
+        if fault.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(fault.seconds)
+
+
+def poison_node(node: int, rnd: int) -> bool:
+    """True when $FEDMPI_FAULT asks for node `node`'s update to be NaN in round `rnd`."""
+    return any(f.kind == "nan" and f.node == node and f.round == rnd for f in active())

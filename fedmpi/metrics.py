@@ -1,9 +1,14 @@
-"""Per-round records written by rank 0: metrics.jsonl (one JSON object a line) and metrics.csv."""
+"""Per-round records written by rank 0: metrics.jsonl (one JSON object a line), metrics.csv, nodes.csv.
+
+Every file is replaced atomically (temp file, fsync, rename), so a crash never leaves half a row.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,27 +27,36 @@ def summarize(prefix: str, values: np.ndarray) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends one row per round and flushes it, so a killed job keeps every finished round."""
+    """Rewrites metrics.jsonl and metrics.csv whole after each round, atomically.
+
+    A job killed at any instant, even inside a write, leaves both files parseable with every
+    finished round: the new content goes to a temp file that replaces the old one only once complete.
+    """
 
     def __init__(self, run_dir: Path, rows: Optional[list] = None) -> None:
         """Start the files afresh, holding `rows` (a resumed run's rows up to its checkpoint)."""
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
-        for path in (self.jsonl, self.csv):
-            path.write_text("")
+        self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
         for row in rows or []:
             self.write(row)
+        self._flush()
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
         if not self.columns:
             self.columns = list(row)
-            with self.csv.open("a", newline="") as f:
-                csv.writer(f).writerow(self.columns)
-        with self.csv.open("a", newline="") as f:
-            csv.writer(f).writerow([_cell(row.get(c)) for c in self.columns])
+        self.rows.append(row)
+        self._flush()
+
+    def _flush(self) -> None:
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        lines = io.StringIO()
+        if self.columns:
+            out = csv.writer(lines)
+            out.writerow(self.columns)
+            out.writerows([_cell(r.get(c)) for c in self.columns] for r in self.rows)
+        write_atomic(self.csv, lines.getvalue())
 
 
 def _cell(value: Any) -> Any:
@@ -52,12 +66,42 @@ def _cell(value: Any) -> Any:
 
 
 def write_nodes_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One row per node: node, rank, samples, local_acc, main_on_local_acc."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["node", "rank", "samples", "local_acc", "main_on_local_acc"])
-        writer.writeheader()
-        for row in sorted(rows, key=lambda r: r["node"]):
-            writer.writerow({k: _cell(v) for k, v in row.items()})
+    """One row per node: node, rank, samples, local_acc, main_on_local_acc (replaced atomically)."""
+    lines = io.StringIO()
+    writer = csv.DictWriter(lines, fieldnames=["node", "rank", "samples", "local_acc", "main_on_local_acc"])
+    writer.writeheader()
+    for row in sorted(rows, key=lambda r: r["node"]):
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    write_atomic(path, lines.getvalue())
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so a reader or a crash sees the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the file
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (a power loss could otherwise bring back the old name)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], payload: int, ranks: int,

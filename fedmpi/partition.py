@@ -46,6 +46,8 @@ def iid(labels: np.ndarray, nodes: int, per_node: int, classes: int, seed: int,
     need = nodes * per_node
     if need > len(labels) and not allow_reuse:
         raise ConfigError(f"partition 'iid': {nodes} nodes x {per_node} samples need {need}, dataset has {len(labels)}")
+    if need and len(labels) == 0:  # np.resize would invent index 0 out of an empty dataset
+        raise ConfigError(f"partition 'iid': {nodes} nodes x {per_node} samples need {need}, dataset is empty")
     rng = np.random.default_rng([seed, 2])
     idx = np.resize(rng.permutation(len(labels)), need)
     return list(idx.reshape(nodes, per_node))

@@ -10,6 +10,7 @@ from .errors import DataError
 from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import open_shards, read_attrs, write_shards
 from .sources import load_dataset
+from .validate import validate_shards
 
 # Partitions whose local test splits copy each node's training label proportions (see like_train).
 LABEL_SKEWED = ("shards", "dirichlet")
@@ -78,8 +79,8 @@ def prepare(cfg: Config, force: bool = False) -> Path:
 
 
 def check_matches(cfg: Config, path: Path) -> None:
-    """Refuse a shard file made from another dataset, partition, seed or size."""
-    attrs = read_attrs(path)
+    """Refuse a malformed shard file, or one made from another dataset, partition, seed or size."""
+    attrs = validate_shards(path)
     for key, want in expected_attrs(cfg).items():
         if attrs.get(key) != want:
             raise DataError(f"shard file {path} was made with {key}={attrs.get(key)!r}, the config says {want!r}; "

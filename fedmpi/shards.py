@@ -25,6 +25,8 @@ from .errors import DataError
 
 FORMAT_VERSION = 1
 GROUPS = ("train", "local_test")
+# What h5py raises for damaged metadata or data; each becomes a DataError naming the file.
+READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 
 
 @dataclass
@@ -69,12 +71,19 @@ def open_shards(path: Path) -> h5py.File:
         raise DataError(f"shard file {path} does not exist (run `fedmpi prepare` or let `fedmpi run` create it)")
     try:
         f = h5py.File(path, "r", locking=False)
-    except OSError as err:
+    except READ_ERRORS as err:
         raise DataError(f"shard file {path} is not a readable HDF5 file: {err}") from None
-    version = f.attrs.get("format_version")
-    if version != FORMAT_VERSION:
+    try:
+        version = f.attrs.get("format_version")
+        # An array or string attribute must not reach `!=`: its truth value is not a bool.
+        ok = isinstance(version, (int, np.integer)) and version == FORMAT_VERSION
+    except READ_ERRORS as err:
         f.close()
-        raise DataError(f"shard file {path} has format_version {version}, fedmpi reads {FORMAT_VERSION}")
+        raise DataError(f"shard file {path}: attribute format_version cannot be read ({err})") from None
+    if not ok:
+        f.close()
+        shown = version.tolist() if isinstance(version, (np.ndarray, np.generic)) else version
+        raise DataError(f"shard file {path} has format_version {shown!r}, fedmpi reads {FORMAT_VERSION}")
     return f
 
 
@@ -94,8 +103,8 @@ def read_nodes(path: Path, group: str, first: int, stop: int) -> NodeShards:
                                 f"({len(offsets) - 1} nodes)")
             a, b = int(offsets[first]), int(offsets[stop])
             x, y = g["x"][a:b], g["y"][a:b]
-        except KeyError as err:
-            raise DataError(f"shard file {path}: missing dataset ({err})") from None
+        except READ_ERRORS as err:
+            raise DataError(f"shard file {path}: missing dataset or damaged data ({err})") from None
     return NodeShards(first, x, y, offsets[first:stop + 1] - offsets[first])
 
 
@@ -112,5 +121,5 @@ def read_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open_shards(path) as f:
         try:
             return f["test/x"][:], f["test/y"][:]
-        except KeyError as err:
-            raise DataError(f"shard file {path}: missing dataset ({err})") from None
+        except READ_ERRORS as err:
+            raise DataError(f"shard file {path}: missing dataset or damaged data ({err})") from None

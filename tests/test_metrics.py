@@ -1,0 +1,123 @@
+"""Metrics files survive a writer killed at any instant: a real process, SIGKILLed mid-write."""
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from fedmpi.metrics import MetricsWriter, summarize, write_atomic, write_nodes_csv
+
+# The writer process stalls half-way through a write and is SIGKILLed there: every open() for
+# writing is wrapped so that, in round KILL_AT, write() puts half its text on disk and then hangs.
+WRITER = """
+import builtins, io, os, sys, time
+from pathlib import Path
+real_open, state, KILL_AT = io.open, {"round": 0}, int(sys.argv[2])
+
+class HalfThenHang:
+    def __init__(self, f): self.f = f
+    def __getattr__(self, name): return getattr(self.f, name)
+    def __enter__(self): return self
+    def __exit__(self, *exc): return self.f.__exit__(*exc)
+    def write(self, text):
+        if state["round"] == KILL_AT:
+            self.f.write(text[:len(text) // 2]); self.f.flush(); os.fsync(self.f.fileno())
+            print("mid-write", flush=True); time.sleep(60)
+        return self.f.write(text)
+
+def patched(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    return HalfThenHang(f) if set(mode) & set("wa") else f
+
+builtins.open = io.open = patched
+from fedmpi.metrics import MetricsWriter
+w = MetricsWriter(Path(sys.argv[1]))
+for rnd in range(1, 10_000):
+    state["round"] = rnd
+    w.write({"round": rnd, "test_acc": 0.5, "blob": "x" * int(sys.argv[3])})
+    print(rnd, flush=True)
+"""
+
+
+def check_intact(run_dir, acknowledged, blob):
+    """Both files parse, hold rounds 1..k in order, and k covers every write the writer finished."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rounds = [json.loads(line)["round"] for line in lines]
+    assert rounds == list(range(1, len(rounds) + 1))
+    assert acknowledged <= len(rounds) <= acknowledged + 1
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["round"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert all(len(r["blob"]) == blob for r in rows)
+    assert len(rounds) - 1 <= len(rows) <= len(rounds)  # jsonl is replaced first, then csv
+
+
+def kill_writer(run_dir, kill_at, blob, delay=None):
+    """Start the writer, SIGKILL it mid-write (or `delay` s after round 1); returns the rounds it finished."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir), str(kill_at), str(blob)],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        lines = []
+        if delay is None:
+            while not lines or lines[-1] != "mid-write":
+                lines.append(proc.stdout.readline().strip())
+                assert lines[-1], "the writer ended before reaching the write to interrupt"
+        else:
+            lines.append(proc.stdout.readline().strip())  # round 1 is written: the kill lands in a later write
+            assert lines == ["1"], lines
+            time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        lines += proc.communicate(timeout=30)[0].split()
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    return max([int(x) for x in lines if x.isdigit()], default=0)
+
+
+@pytest.mark.parametrize("kill_at", [1, 3])
+def test_a_writer_killed_mid_write_leaves_the_previous_version_intact(tmp_path, kill_at):
+    done = kill_writer(tmp_path, kill_at, blob=1000)
+    assert done == kill_at - 1
+    check_intact(tmp_path, done, blob=1000)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == kill_at - 1  # exactly the old version
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.9])
+def test_a_writer_killed_at_an_arbitrary_instant_keeps_every_finished_round(tmp_path, delay):
+    check_intact(tmp_path, kill_writer(tmp_path, -1, blob=100_000, delay=delay), blob=100_000)
+
+
+def test_rows_are_written_in_order_with_empty_cells_for_missing_values(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == "" and (tmp_path / "metrics.csv").read_text() == ""
+    writer.write({"round": 1, "test_acc": None, "t": 0.5})
+    writer.write({"round": 2, "test_acc": 0.75, "t": float("nan")})
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["round,test_acc,t", "1,,0.5", "2,0.75,"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]  # no temp files left
+
+
+def test_nodes_csv_is_sorted_by_node(tmp_path):
+    rows = [dict(node=n, rank=n // 2, samples=4, local_acc=0.5, main_on_local_acc=None) for n in (3, 0, 2, 1)]
+    write_nodes_csv(tmp_path / "nodes.csv", rows)
+    with open(tmp_path / "nodes.csv") as f:
+        got = list(csv.DictReader(f))
+    assert [r["node"] for r in got] == ["0", "1", "2", "3"] and got[0]["main_on_local_acc"] == ""
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "m.txt"
+    write_atomic(path, "old\n")
+    with pytest.raises(TypeError):
+        write_atomic(path, b"not text")  # fails inside the write, after the temp file exists
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["m.txt"]
+
+
+def test_summarize_ignores_nan():
+    assert summarize("a", np.array([0.5, np.nan, 1.0])) == {"a_mean": 0.75, "a_min": 0.5, "a_max": 1.0}
+    assert summarize("a", np.array([np.nan]))["a_mean"] is None
