@@ -48,26 +48,38 @@ def cmd_prepare(cfg, args, comm) -> None:
 
 
 def cmd_run(cfg, args, comm) -> None:
-    from .run import run
+    from .partition import node_ranges
+    from .prepare import check_matches
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
+    # Cheap checks first: bad input fails in about a second, before torch is even imported.
+    node_ranges(cfg.nodes, comm.size)
     if comm.rank == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ".write-test").touch()
-            (run_dir / ".write-test").unlink()
-        except OSError as err:
-            raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror})") from None
-        unfinished = (run_dir / "checkpoint" / "meta.json").exists() and not (run_dir / "model.pt").exists()
-        if args.resume is None and unfinished:
-            raise ConfigError(f"--out {run_dir} holds a checkpoint of an unfinished run: continue it with "
-                              f"--resume {run_dir}, or choose another --out")
+        check_run_dir(run_dir, args.resume is not None)
+        if cfg.data_path.exists():
+            check_matches(cfg, cfg.data_path)
+    from .run import run
+
     code = run(cfg, run_dir, comm, resume=args.resume is not None)
     if comm.rank == 0 and code == 0:
         print(f"run directory: {run_dir}")
     if code:
         sys.exit(code)
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """The run directory must be writable and must not hold an unfinished run (unless resuming it)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write-test").touch()
+        (run_dir / ".write-test").unlink()
+    except OSError as err:
+        raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror})") from None
+    unfinished = (run_dir / "checkpoint" / "meta.json").exists() and not (run_dir / "model.pt").exists()
+    if not resume and unfinished:
+        raise ConfigError(f"--out {run_dir} holds a checkpoint of an unfinished run: continue it with "
+                          f"--resume {run_dir}, or choose another --out")
 
 
 def resume_config(args) -> Optional[str]:
