@@ -71,6 +71,7 @@ def bytes_sent(row: dict[str, Any]) -> float:
 
 
 def cumulative(values: list[float]) -> list[float]:
+    """Running totals of `values`."""
     total, out = 0.0, []
     for v in values:
         total += v
