@@ -11,7 +11,8 @@ setup(
     install_requires=["torch", "torchvision", "numpy", "h5py", "mpi4py", "pyyaml"],
     extras_require={
         "mpich": ["mpich"],
-        "test": ["pytest", "hypothesis"],
+        "report": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["fedmpi=fedmpi.cli:main"]},
 )

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["run"].add_argument("--resume", metavar="RUN_DIR",
                                     help="continue the run in RUN_DIR from its checkpoint (its config.yaml; --set may "
                                          "change rounds, eval_every, device, threads, engine, checkpoint_every)")
+    rep = sub.add_parser("report", help="tables and plots of run directories",
+                         description="report.md and accuracy/time/bytes PNGs of one or more run directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (several: side by side)")
+    rep.add_argument("--out", help="output directory (default: the run directory, or runs/report for several)")
     return parser
 
 
@@ -94,6 +98,13 @@ def resume_config(args) -> Optional[str]:
     return str(path)
 
 
+def cmd_report(args, comm) -> None:
+    from .report import report
+
+    if comm.rank == 0:  # a plain command; under mpirun the other ranks have nothing to do
+        print(f"report: {report(args.run_dirs, args.out) / 'report.md'}")
+
+
 COMMANDS = {"prepare": cmd_prepare, "run": cmd_run}
 
 
@@ -102,6 +113,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     install_excepthook()
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "report":  # reads run directories, no config
+            cmd_report(args, comm)
+            return
         overrides = parse_overrides(args.set)
         if args.data_dir is not None:
             overrides["data_dir"] = args.data_dir

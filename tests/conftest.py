@@ -16,12 +16,42 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 
 
+# FEDMPI_TEST_MPI picks the MPI the tests run under: "mpich" (the PyPI wheel beside the venv's python,
+# the default) or "openmpi" (Debian's openmpi-bin, loaded by the same mpi4py wheel through MPI4PY_LIBMPI).
+MPI_IMPLS = {"mpich": "MPICH", "openmpi": "Open MPI"}   # -> what MPI_Get_library_version must name
+OPENMPI_ENV = {"MPI4PY_LIBMPI": "libmpi.so.40", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+               "OMPI_MCA_rmaps_base_oversubscribe": "1",                  # Open MPI 4: more ranks than cores
+               "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}  # Open MPI 5 ignores the 4.x variable
+
+
+def chosen_mpi() -> str:
+    """The MPI implementation chosen by FEDMPI_TEST_MPI (default mpich); a typo fails, never falls back."""
+    impl = os.environ.get("FEDMPI_TEST_MPI", "mpich")
+    if impl not in MPI_IMPLS:
+        pytest.fail(f"FEDMPI_TEST_MPI={impl!r}: expected one of {sorted(MPI_IMPLS)}")
+    return impl
+
+
+def expected_mpi_library() -> str:
+    """The name run.json's mpi_library must contain under the chosen MPI ("MPICH" or "Open MPI")."""
+    return MPI_IMPLS[chosen_mpi()]
+
+
 def mpirun_path() -> str:
+    if chosen_mpi() == "openmpi":
+        if not Path("/usr/bin/mpirun").exists():
+            pytest.fail("FEDMPI_TEST_MPI=openmpi but /usr/bin/mpirun is missing: apt-get install openmpi-bin")
+        return "/usr/bin/mpirun"
     beside = Path(sys.executable).parent / "mpirun"
     found = str(beside) if beside.exists() else shutil.which("mpirun")
     if not found:
         pytest.fail("no mpirun found: install the test extras (pip install -e '.[mpich,test]')")
     return found
+
+
+def mpi_env() -> dict:
+    """Extra environment for the chosen MPI's launcher and ranks."""
+    return dict(OPENMPI_ENV) if chosen_mpi() == "openmpi" else {}
 
 
 @dataclass
@@ -35,7 +65,7 @@ class Result:
 def fedmpi(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None, cwd: Path = ROOT) -> Result:
     """Run `python -m fedmpi ARGS` under a real `mpirun -n RANKS`, killed after `timeout` seconds."""
     cmd = [mpirun_path(), "-n", str(ranks), sys.executable, "-m", "fedmpi", *args]
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, **mpi_env(), **(env or {}))
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     return Result(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
@@ -43,6 +73,14 @@ def fedmpi(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | No
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def assert_world(run_dir: Path, ranks: int, library: str | None = None) -> dict:
+    """run.json names `ranks` ranks and the expected MPI: a wrong launcher setup starts singletons silently."""
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["world_size"] == ranks, f"world_size {info['world_size']}, expected {ranks}"
+    assert (library or expected_mpi_library()) in info["mpi_library"], info["mpi_library"]
+    return info
 
 
 SMALL = ["dataset=synthetic", "nodes=8", "samples_per_node=40", "test_per_node=20", "rounds=3",

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMALL, fedmpi, read_metrics
+from conftest import SMALL, assert_world, expected_mpi_library, fedmpi, read_metrics
 
 FIELDS = ["round", "test_acc", "test_loss", "central_acc", "t_round", "t_train_max", "t_train_mean", "t_wait",
           "t_allreduce", "payload_bytes", "wire_bytes_est", "local_acc_mean", "local_acc_min", "local_acc_max",
@@ -22,6 +22,7 @@ def runs(small_data, tmp_path_factory):
         run_dir = tmp_path_factory.mktemp(f"n{n}")
         result = fedmpi(["run", "--set", *SMALL, small_data, "--out", str(run_dir)], ranks=n)
         assert result.returncode == 0, result.stderr
+        assert_world(run_dir, n)
         out[n] = run_dir
     return out
 
@@ -54,7 +55,7 @@ def test_run_directory_outputs(runs):
     run_dir = runs[4]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["world_size"] == 4 and info["nodes_per_rank"] == [2, 2, 2, 2]
-    assert info["devices"] == ["cpu"] * 4 and "MPICH" in info["mpi_library"] and info["torch_version"]
+    assert info["devices"] == ["cpu"] * 4 and expected_mpi_library() in info["mpi_library"] and info["torch_version"]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["nodes"] == 8
     with open(run_dir / "nodes.csv") as f:
         nodes = list(csv.DictReader(f))

@@ -1,0 +1,236 @@
+"""`fedmpi report`: tables and plots of one or more run directories (accuracy, time split, bytes).
+
+Reads only what a run wrote (metrics.jsonl, run.json, config.yaml), so it works on a finished run,
+a run still going, or one copied off a cluster. Writes report.md and accuracy.png, time.png, bytes.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError, DataError
+
+# The per-round time split: the stacked parts sum to the round's wall time on rank 0.
+TIME_PARTS = (("compute", "local training (mean over ranks)"), ("wait", "waiting for the slowest rank"),
+              ("transfer", "the Allreduce"), ("other", "evaluation, gathering, writing"))
+
+
+@dataclass
+class Run:
+    """One run directory's records."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    info: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def ranks(self) -> Optional[int]:
+        return self.info.get("world_size") or (self.rows[0].get("ranks") if self.rows else None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} (-n {self.ranks})" if self.ranks else self.path.name
+
+
+def load_run(path: Path) -> Run:
+    """Read a run directory; a missing or unreadable metrics.jsonl is one clear error."""
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise DataError(f"report: {metrics} not found ({path} is not a fedmpi run directory?)")
+    rows = []
+    for n, line in enumerate(metrics.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DataError(f"report: {metrics} line {n} is not JSON") from None
+    if not rows:
+        raise DataError(f"report: {metrics} has no rounds yet")
+    info = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    return Run(path, rows, info, config or {})
+
+
+def time_split(row: dict[str, Any]) -> dict[str, float]:
+    """compute / wait / transfer / other seconds of one round (other: the rest of the round's wall time)."""
+    parts = dict(compute=_num(row.get("t_train_mean")), wait=_num(row.get("t_wait")),
+                 transfer=_num(row.get("t_allreduce")))
+    parts["other"] = max(0.0, _num(row.get("t_round")) - sum(parts.values()))
+    return parts
+
+
+def bytes_sent(row: dict[str, Any]) -> float:
+    """Bytes all ranks send in one round's Allreduce (the ring estimate per rank times the ranks)."""
+    return _num(row.get("wire_bytes_est")) * (row.get("ranks") or 1)
+
+
+def cumulative(values: list[float]) -> list[float]:
+    """Running totals of `values`."""
+    total, out = 0.0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def _num(value: Any) -> float:
+    return 0.0 if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run_table(run: Run) -> list[str]:
+    """The per-round markdown table of one run."""
+    lines = ["| round | main acc | centralized acc | compute (s) | wait (s) | transfer (s) | other (s) "
+             "| bytes this round | bytes so far |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    sent = cumulative([bytes_sent(r) for r in run.rows])
+    for row, total in zip(run.rows, sent):
+        t = time_split(row)
+        lines.append(f"| {row['round']} | {_fmt(row.get('test_acc'), '.4f')} | {_fmt(row.get('central_acc'), '.4f')} "
+                     f"| {t['compute']:.3f} | {t['wait']:.3f} | {t['transfer']:.4f} | {t['other']:.3f} "
+                     f"| {_bytes(bytes_sent(row))} | {_bytes(total)} |")
+    return lines
+
+
+def summary_table(runs: list[Run]) -> list[str]:
+    """One line per run, for comparing runs side by side."""
+    lines = ["| run | ranks | rounds | final main acc | centralized acc | total time (s) | compute | wait | transfer "
+             "| bytes sent |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        t = {k: sum(time_split(r)[k] for r in run.rows) for k, _ in TIME_PARTS}
+        total = sum(_num(r.get("t_round")) for r in run.rows)
+        final = next((r["test_acc"] for r in reversed(run.rows) if r.get("test_acc") is not None), None)
+        lines.append(f"| {run.path.name} | {run.ranks or '-'} | {len(run.rows)} | {_fmt(final, '.4f')} "
+                     f"| {_fmt(run.rows[-1].get('central_acc'), '.4f')} | {total:.2f} | {_share(t['compute'], total)} "
+                     f"| {_share(t['wait'], total)} | {_share(t['transfer'], total)} "
+                     f"| {_bytes(sum(bytes_sent(r) for r in run.rows))} |")
+    return lines
+
+
+def _share(part: float, total: float) -> str:
+    return f"{part:.2f} s ({100 * part / total:.0f}%)" if total > 0 else f"{part:.2f} s"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def markdown(runs: list[Run], images: list[str]) -> str:
+    """report.md: the comparison, the plots, then each run's setup and per-round table."""
+    out = ["# fedmpi report", "", *summary_table(runs), "",
+           "Time per round: " + "; ".join(f"**{k}** = {v}" for k, v in TIME_PARTS) + ". Bytes: what all ranks "
+           "send in the Allreduce, estimated for a ring (2 (P-1)/P x payload per rank).", ""]
+    out += [f"![{Path(name).stem}]({name})" for name in images] + [""]
+    for run in runs:
+        cfg, info = run.config, run.info
+        library = " ".join(info.get("mpi_library", "MPI library unknown").split())
+        out += [f"## {run.label}", "", f"`{run.path}`: {library}; "
+                f"hosts {', '.join(info.get('hosts', [])) or '?'}; dataset {cfg.get('dataset', '?')}, "
+                f"{cfg.get('nodes', '?')} nodes, model {cfg.get('model', '?')}, {cfg.get('local_epochs', '?')} "
+                f"local epochs; payload {_bytes(_num(run.rows[0].get('payload_bytes')))} per rank per round.", "",
+                *run_table(run), ""]
+    return "\n".join(out)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display on a cluster node)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("report: matplotlib is not installed (pip install -e '.[report]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(runs: list[Run], path: Path) -> None:
+    """Main-model test accuracy per round, each run's centralized baseline as a dashed line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        scored = [r for r in run.rows if r.get("test_acc") is not None]
+        # Runs at different rank counts give the same accuracy: shrinking markers keep every run visible.
+        ax.plot([r["round"] for r in scored], [r["test_acc"] for r in scored], color=f"C{i}", lw=1.5,
+                marker="osD^v<>"[i % 7], ms=max(3, 9 - 2 * i), label=f"{run.label} main model")
+    centrals = {}
+    for run in runs:
+        if run.rows[-1].get("central_acc") is not None:
+            centrals.setdefault(run.rows[-1]["central_acc"], []).append(run.path.name)
+    for j, (acc, names) in enumerate(centrals.items()):  # one line per distinct baseline, not per run
+        which = "" if len(centrals) == 1 else f" ({', '.join(names)})"
+        ax.axhline(acc, color="k", ls=("--", ":", "-.")[j % 3], lw=1, label=f"centralized{which}: {acc:.4f}")
+    ax.set(xlabel="round", ylabel="test accuracy", title="Main model vs centralized baseline")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_time(runs: list[Run], path: Path) -> None:
+    """Per-round wall time stacked into compute / wait / transfer / other, one panel per run."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(runs), figsize=(max(6, 4.5 * len(runs)), 4.5), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        rounds = [r["round"] for r in run.rows]
+        bottom = [0.0] * len(rounds)
+        for i, (part, _) in enumerate(TIME_PARTS):
+            height = [time_split(r)[part] for r in run.rows]
+            ax.bar(rounds, height, bottom=bottom, color=f"C{i}", label=part)
+            bottom = [b + h for b, h in zip(bottom, height)]
+        ax.set(xlabel="round", title=run.label)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].set_ylabel("seconds per round")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(TIME_PARTS), fontsize=8, frameon=False)
+    fig.suptitle("Where each round's time went (rank 0 wall time)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend under the panels
+    _save(fig, path, layout=False)
+
+
+def plot_bytes(runs: list[Run], path: Path) -> None:
+    """Cumulative bytes all ranks sent in the Allreduce, one line per run."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        sent = cumulative([bytes_sent(r) for r in run.rows])
+        ax.plot([r["round"] for r in run.rows], [s / 1e6 for s in sent], "o-", color=f"C{i}", label=run.label)
+    ax.set(xlabel="round", ylabel="MB sent, all ranks (ring estimate)", title="Cumulative communication")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path: Path, layout: bool = True) -> None:
+    if layout:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def report(run_dirs: list[str], out: Optional[str] = None) -> Path:
+    """Write report.md and the three PNGs for the run directories; returns the output directory."""
+    runs = [load_run(Path(d)) for d in run_dirs]
+    out_dir = Path(out) if out else (runs[0].path if len(runs) == 1 else Path("runs/report"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"report: --out {out_dir}: cannot write there ({err.strerror})") from None
+    plots = {"accuracy.png": plot_accuracy, "time.png": plot_time, "bytes.png": plot_bytes}
+    for name, plot in plots.items():
+        plot(runs, out_dir / name)
+    (out_dir / "report.md").write_text(markdown(runs, list(plots)) + "\n")
+    return out_dir
