@@ -114,17 +114,18 @@ def train_part(args) -> dict:
     dev = torch.device(args.device)
     model, fns = contenders(cfg, shape, data, dev)
     mains = {k: flatten(list(model.parameters())) for k in fns}
-    times = {k: [] for k in fns}
-    acc = {k: [] for k in fns}
+    times, cpu, acc = ({k: [] for k in fns} for _ in range(3))
     for rnd in range(1, args.rounds + 1):
         for k, fn in fns.items():
-            t0 = sync(dev)
+            t0, c0 = sync(dev), time.process_time()
             mains[k] = fn(mains[k], rnd)
             times[k].append(sync(dev) - t0)
+            # CPU seconds of this process: with one thread, robust to other processes on the host.
+            cpu[k].append(time.process_time() - c0)
             acc[k].append(accuracy_loss(model, mains[k], data[3], data[4])[0])
             print(f"  round {rnd} {NAMES[k]:<18} {times[k][-1]:7.2f} s  test acc {acc[k][-1]:.4f}", flush=True)
     chunk = BatchedEngine(model, *data[:3], 0, cfg).chunk
-    return dict(times=times, acc=acc, cfg=cfg, path=path, model=model, chunk=chunk, shape=shape)
+    return dict(times=times, cpu=cpu, acc=acc, cfg=cfg, path=path, model=model, chunk=chunk, shape=shape)
 
 
 def train_flops(model) -> float:
@@ -160,10 +161,22 @@ def memory_probe(args) -> None:
     if args.probe != "none":
         model, fns = contenders(cfg, shape, data, dev, only=args.probe)
         fns[args.probe](flatten(list(model.parameters())), 1)
-    out = dict(maxrss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out = dict(maxrss_mib=peak_rss_mib())
     if dev.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     print(json.dumps(out))
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS of this process. VmHWM first: Linux carries ru_maxrss over fork+exec, so a probe
+    started by a big parent would report the parent's peak; getrusage where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def probe_memory(args) -> dict:
@@ -205,17 +218,24 @@ def report(res: dict, args, mem: dict, comm: list, scale: list) -> None:
     print(f"\n## Training: {cfg.nodes} nodes x {cfg.samples_per_node}, {cfg.model}, {cfg.local_epochs} epochs, batch "
           f"{cfg.batch_size}; {args.rounds} rounds interleaved; device {args.device}, {torch.get_num_threads()} threads; "
           f"batched chunk {res['chunk']} nodes\n")
-    print("| contender | ms / node-epoch (median) | GFLOP/s | share of bmm-like | share of 2048^3 sgemm | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| contender | wall ms / node-epoch | CPU ms / node-epoch | GFLOP/s (wall) | of bmm-like | of 2048^3 sgemm "
+          "| peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for k in "ABC":
         sec = float(np.median(t[k]))
         rate = flops / sec / 1e9
-        print(f"| {k}: {NAMES[k]} | {sec / node_epochs * 1e3:.2f} | {rate:.1f} | {rate / bmm:.0%} | {rate / peak:.0%} "
-              f"| {mem[k]['maxrss_mib']:.0f} |")
+        gpu = f" (GPU {mem[k]['cuda_peak_mib']:.0f})" if "cuda_peak_mib" in mem[k] else ""
+        cpu = float(np.median(res["cpu"][k]))
+        print(f"| {k}: {NAMES[k]} | {sec / node_epochs * 1e3:.2f} | {cpu / node_epochs * 1e3:.2f} | {rate:.1f} | {rate / bmm:.0%} | {rate / peak:.0%} "
+              f"| {mem[k]['maxrss_mib']:.0f}{gpu} |")
     print(f"\nreference matmuls in the same run: bmm [{res['chunk']}x{cfg.batch_size}x784]@[784x200] {bmm:.1f} GFLOP/s, "
           f"2048^3 sgemm {peak:.1f} GFLOP/s; RSS of data + model without training {mem['none']['maxrss_mib']:.0f} MiB")
     print(f"\nspeedup (median of per-round pairs): batched / tutorial {median_ratio(t['A'], t['C']):.2f}x, "
           f"batched / sequential {median_ratio(t['B'], t['C']):.2f}x, sequential / tutorial {median_ratio(t['A'], t['B']):.2f}x")
+    c = res["cpu"]
+    print(f"by CPU time: batched / tutorial {median_ratio(c['A'], c['C']):.2f}x, "
+          f"batched / sequential {median_ratio(c['B'], c['C']):.2f}x, sequential / tutorial {median_ratio(c['A'], c['B']):.2f}x"
+          f"{'' if torch.get_num_threads() == 1 else ' (with several threads CPU time counts spinning too)'}")
     print("\ntest accuracy per round:")
     for k in "ABC":
         print(f"  {NAMES[k]:<18} " + " ".join(f"{a:.4f}" for a in res["acc"][k]))
@@ -260,14 +280,16 @@ def main() -> None:
         return memory_probe(args)
     print(f"$ python tools/bench.py {' '.join(sys.argv[1:])}\ntorch {torch.__version__}, {host_cores()} cores, "
           f"load average at start {os.getloadavg()[0]:.1f} (other processes on the host skew absolute times)", flush=True)
+    mem = probe_memory(args)  # before training: keeps this process small while the probes run
     res = train_part(args)
-    mem = probe_memory(args)
     size = sum(p.numel() for p in res["model"].parameters())
     comm = [r for n in ((2, 4) if args.quick else (2, 4, 8, 16))
             for r in run_mpi(n, ["comm", "--size", str(size), "--reps", "10" if args.quick else "30"])]
     common = ["--data-file", str(res["path"]), "--epochs", str(args.epochs), "--chunk", str(args.chunk),
               "--data-dir", str(args.data_dir)]
-    scale = [r for n, th in ((1, 2), (2, 1)) for r in run_mpi(n, ["scale", "--threads", str(th), *common])]
+    # The scaling part shares out CPU cores; with one GPU there is nothing to share out.
+    scale = [] if args.device == "cuda" else \
+        [r for n, th in ((1, 2), (2, 1)) for r in run_mpi(n, ["scale", "--threads", str(th), *common])]
     report(res, args, mem, comm, scale)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
