@@ -1,7 +1,8 @@
 """`fedmpi report`: tables and plots of one or more run directories (accuracy, time split, bytes).
 
 Reads only what a run wrote (metrics.jsonl, run.json, config.yaml), so it works on a finished run,
-a run still going, or one copied off a cluster. Writes report.md and accuracy.png, time.png, bytes.png.
+a run still going, or one copied off a cluster. Writes report.md and accuracy.png, time.png, bytes.png,
+accuracy_vs_bytes.png, and labels.png (per-node label histograms) when the run's shard file is at hand.
 """
 from __future__ import annotations
 
@@ -214,6 +215,62 @@ def plot_bytes(runs: list[Run], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_accuracy_vs_bytes(runs: list[Run], path: Path) -> None:
+    """Test accuracy against the bytes one rank has contributed so far: fp16/bf16 runs beside fp32."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        scored = [(b, r) for b, r in zip(cumulative([_num(r.get("payload_bytes")) for r in run.rows]), run.rows)
+                  if r.get("test_acc") is not None]
+        dtype = run.rows[-1].get("update_dtype", "fp32")
+        ax.plot([b / 1e6 for b, _ in scored], [r["test_acc"] for _, r in scored], "o-", color=f"C{i}",
+                ms=max(3, 7 - 2 * i), label=f"{run.label}, {dtype}")
+    ax.set(xlabel="MB contributed per rank so far (payload)", ylabel="test accuracy",
+           title="Accuracy against communication")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def node_labels(run: Run) -> Optional[Any]:
+    """[nodes, classes] label counts from the run's shard file, or None when it is not at hand."""
+    import h5py
+    import numpy as np
+
+    data_file = run.config.get("data_file")
+    path = Path(str(data_file).format(**run.config)) if data_file else None
+    if path is None or not path.is_file():
+        return None
+    with h5py.File(path, "r", locking=False) as f:
+        y, offsets = f["train/y"][:], f["train/offsets"][:]
+        classes = int(f.attrs["classes"])
+    node = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    counts = np.zeros((len(offsets) - 1, classes), dtype=np.int64)
+    np.add.at(counts, (node, y), 1)
+    return counts
+
+
+def plot_labels(runs: list[Run], path: Path) -> bool:
+    """Per-node label histograms (stacked bars) of the first run whose shard file is at hand."""
+    found = next(((run, c) for run in runs if (c := node_labels(run)) is not None), None)
+    if found is None:
+        return False
+    run, counts = found
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(7, min(16, 0.12 * len(counts))), 4.5))
+    bottom = counts[:, 0] * 0
+    for label in range(counts.shape[1]):
+        ax.bar(range(len(counts)), counts[:, label], bottom=bottom, width=1.0, color=f"C{label % 10}",
+               label=str(label))
+        bottom = bottom + counts[:, label]
+    ax.set(xlabel="node", ylabel="training samples",
+           title=f"Labels per node: {run.config.get('partition')} partition ({run.path.name})")
+    ax.legend(title="label", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+    return True
+
+
 def _save(fig, path: Path, layout: bool = True) -> None:
     if layout:
         fig.tight_layout()
@@ -229,8 +286,10 @@ def report(run_dirs: list[str], out: Optional[str] = None) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"report: --out {out_dir}: cannot write there ({err.strerror})") from None
-    plots = {"accuracy.png": plot_accuracy, "time.png": plot_time, "bytes.png": plot_bytes}
+    plots = {"accuracy.png": plot_accuracy, "time.png": plot_time, "bytes.png": plot_bytes,
+             "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}
     for name, plot in plots.items():
         plot(runs, out_dir / name)
-    (out_dir / "report.md").write_text(markdown(runs, list(plots)) + "\n")
+    images = list(plots) + (["labels.png"] if plot_labels(runs, out_dir / "labels.png") else [])
+    (out_dir / "report.md").write_text(markdown(runs, images) + "\n")
     return out_dir

@@ -43,8 +43,20 @@ def test_one_run_writes_table_and_plots_into_the_run_directory(run_dirs):
         line = next(x for x in md.splitlines() if x.startswith(f"| {row['round']} |"))
         assert f"| {row['test_acc']:.4f} | {row['central_acc']:.4f} |" in line, line
     assert "1.59 MB" in md  # 2 ranks x 2 (2-1)/2 x 796,844 B sent in one round's Allreduce
-    for name in ("accuracy.png", "time.png", "bytes.png"):
+    for name in ("accuracy.png", "time.png", "bytes.png", "accuracy_vs_bytes.png", "labels.png"):
         image(run_dirs[2] / name)
+        assert f"]({name})" in md
+
+
+def test_label_plot_is_left_out_when_the_shard_file_is_gone(run_dirs, tmp_path):
+    moved = tmp_path / "run"
+    moved.mkdir()
+    for name in ("metrics.jsonl", "run.json"):
+        (moved / name).write_bytes((run_dirs[1] / name).read_bytes())
+    (moved / "config.yaml").write_text((run_dirs[1] / "config.yaml").read_text().replace(".h5", "-gone.h5"))
+    assert report(str(moved)).returncode == 0
+    assert (moved / "accuracy_vs_bytes.png").exists() and not (moved / "labels.png").exists()
+    assert "labels.png" not in (moved / "report.md").read_text()
 
 def test_several_runs_side_by_side(run_dirs, tmp_path):
     result = report(str(run_dirs[1]), str(run_dirs[2]), "--out", str(tmp_path / "cmp"))
