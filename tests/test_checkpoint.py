@@ -33,10 +33,11 @@ def assert_same_run(a, b, atol):
         assert torch.allclose(wa[name], wb[name], rtol=0, atol=atol), name
 
 
-@pytest.mark.parametrize("resume_ranks", [2, 3])
-def test_resume_after_a_crash_equals_the_uninterrupted_run(small_data, reference, tmp_path, resume_ranks):
+@pytest.mark.parametrize("fault,resume_ranks", [("raise", 2), ("kill", 3)])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(small_data, reference, tmp_path, fault, resume_ranks):
+    """An exception, or SIGKILL of a rank mid-round: the checkpoint on disk resumes, at any rank count."""
     crashed = fedmpi(["run", *ARGS, small_data, "--out", str(tmp_path)], ranks=2,
-                     env={"FEDMPI_FAULT": "raise:rank=1:round=3"})
+                     env={"FEDMPI_FAULT": f"{fault}:rank=1:round=3"})
     _resume_and_compare(reference, tmp_path, resume_ranks, crashed)
 
 
