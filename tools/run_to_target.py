@@ -25,7 +25,7 @@ def reached(metrics: Path, target: float) -> bool:
             acc = json.loads(line).get("test_acc")
         except json.JSONDecodeError:  # a line being written
             continue
-        if acc is not None and acc >= target:
+        if acc is not None and acc >= target - 1e-6:  # as tools/rounds_to_target.py
             return True
     return False
 
