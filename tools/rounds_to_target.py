@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 EPS = 1e-6  # test_acc is a float32 ratio (9700/10000 may read 0.96999997); far below one test image (1e-4)
-COLUMNS = ("run", "model", "partition", "E", "B", "C", "lr", "server_opt", "rounds to target", "best test_acc")
+COLUMNS = ("run", "model", "partition", "E", "B", "C", "lr", "server_opt", "rounds to target", "best test_acc seen")
 
 
 def first_reaching(rows: list[dict], target: float):
