@@ -125,6 +125,18 @@ class MPIComm:
         return self._MPI.Get_library_version().strip().splitlines()[0]
 
 
+def usable(MPI: Any, datatype: Any) -> bool:
+    """Whether the loaded MPI really has this predefined type (mpi4py names some that Open MPI lacks)."""
+    if datatype == MPI.DATATYPE_NULL:
+        return False
+    try:
+        datatype.Get_size()
+        datatype.Get_name()
+    except MPI.Exception:
+        return False
+    return True
+
+
 def reduction_for(MPI: Any, dtype: str, builtin: bool = True) -> tuple[Any, Any, str]:
     """(datatype, op, how) to SUM a compress.encode buffer of `dtype` (fp32, fp16, bf16)."""
     if dtype == "fp32":
@@ -134,7 +146,7 @@ def reduction_for(MPI: Any, dtype: str, builtin: bool = True) -> tuple[Any, Any,
     if dtype != "fp16":
         raise ValueError(f"no reduction for update dtype {dtype!r}")
     float16 = getattr(MPI, "FLOAT16_T", MPI.DATATYPE_NULL)
-    if builtin and float16 != MPI.DATATYPE_NULL:  # MPICH: MPIX_C_FLOAT16; Open MPI has none
+    if builtin and usable(MPI, float16):  # MPICH: MPIX_C_FLOAT16; Open MPI has none
         return float16, MPI.SUM, float16.Get_name()
 
     def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
@@ -148,7 +160,7 @@ def bf16_reduction(MPI: Any, builtin: bool = True) -> tuple[Any, Any, str]:
     """(datatype, op, how) to SUM bf16 bits: the library's own bf16 type, else a user-defined op on uint16."""
     if builtin:
         standard = getattr(MPI, "BFLOAT16_T", MPI.DATATYPE_NULL)
-        if standard != MPI.DATATYPE_NULL:
+        if usable(MPI, standard):
             return standard, MPI.SUM, "MPI_BFLOAT16_T"
         # mpi4py names no bf16 type under MPICH, yet MPICH sums its MPIX_BFLOAT16 natively. Its handle
         # is a constant of MPICH's mpi.h: trust it only where MPIX_C_FLOAT16 has its mpi.h value too.

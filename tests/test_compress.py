@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, mpirun_path
+from conftest import ROOT, mpi_env, mpirun_path
 from fedmpi.compress import (UNIT_ROUNDOFF, bf16_add_into, bytes_saved, decode, encode, f32_to_bf16, fp16_add_into,
                              payload_bytes)
 
@@ -118,7 +118,7 @@ if r == 0:
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_real_allreduce_of_half_precision_buffers(ranks):
     proc = subprocess.run([mpirun_path(), "-n", str(ranks), sys.executable, "-c", SCRIPT], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+                          text=True, timeout=120, env=dict(os.environ, **mpi_env(), PYTHONPATH=str(ROOT)), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     n = ranks

@@ -133,6 +133,11 @@ def test_bad_config_fails_the_job_with_one_line(submit, slurm_env, tmp_path):
 
 @pytest.mark.parametrize("script", ["fedavg_mnist.sbatch", "fedavg_mnist_srun.sbatch"])
 def test_cancelled_run_checkpoints_and_a_resubmission_finishes_it(submit, slurm_env, tmp_path, script):
+    if chosen_mpi() == "openmpi" and script == "fedavg_mnist.sbatch":
+        # Open MPI 4's mpirun takes scancel's SIGTERM as "abort the job" and kills the ranks within a
+        # second, before they can finish the round (measured: exit 1, no checkpoint). The README says
+        # so and points to the srun script or --signal=B:USR1, both tested under Open MPI.
+        pytest.skip("Open MPI's mpirun aborts its ranks on SIGTERM: graceful scancel needs the srun script")
     rounds, run_dir = 60, tmp_path / "run"
     # checkpoint_every larger than rounds: the only checkpoint is the one the stop on SIGTERM writes.
     job = submit(script, 2, SET=" ".join([*SMALL, f"rounds={rounds}", "local_epochs=2", "checkpoint_every=1000"]))
