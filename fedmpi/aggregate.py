@@ -71,13 +71,13 @@ def trailer(reduced: np.ndarray, dtype: str = "fp32") -> tuple[float, int, bool]
 
 
 def mean_update(reduced: np.ndarray, dtype: str = "fp32") -> torch.Tensor:
-    """The round's mean update (float64) from the all-reduced buffer."""
+    """The round's mean update (float32, one pass) from the all-reduced buffer."""
     weight, dropped, _ = trailer(reduced, dtype)
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
     if dtype == "fp32":
-        return torch.from_numpy(reduced[:-TRAILER].astype(np.float64) / weight)
-    update = decode(reduced[:-TRAILER], dtype).double()
+        return torch.from_numpy(reduced[:-TRAILER]) * (1.0 / weight)
+    update = decode(reduced[:-TRAILER], dtype)
     # Pre-divided by the whole round's weight: rescale only when dropped nodes left a share out,
     # since the half-precision share itself carries rounding error.
     return update / weight if dropped else update
@@ -85,7 +85,7 @@ def mean_update(reduced: np.ndarray, dtype: str = "fp32") -> torch.Tensor:
 
 def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:
     """Plain FedAvg: main + (sum of w*update) / (sum of w), from an fp32 all-reduced buffer."""
-    return (main.double() + mean_update(reduced).to(main.device)).to(main.dtype)
+    return main + mean_update(reduced).to(main.device, main.dtype)
 
 
 def wire_bytes_estimate(payload_bytes: int, ranks: int) -> int:

@@ -20,10 +20,14 @@ MPICH_FLOAT16, MPICH_BFLOAT16 = 0x4C000246, 0x4C00024C
 
 @dataclass
 class CollectiveTiming:
-    """Where one rank's time around the collective went."""
+    """One rank's seconds inside the Allreduce: waiting for the last rank to arrive, then the transfer.
 
-    t_wait: float       # waiting in a barrier for the slowest rank to finish training
-    t_allreduce: float  # the Allreduce itself, once every rank has arrived
+    No barrier separates the two (that would be a second collective every round): the rank that
+    arrives last waits least, so the smallest time over the ranks is the transfer and each rank's
+    excess over it is its wait (metrics.split_collective).
+    """
+
+    t_collective: float
 
 
 class LocalComm:
@@ -32,7 +36,7 @@ class LocalComm:
     rank, size, local_rank, local_size = 0, 1, 0, 1
 
     def allreduce_sum(self, buf: np.ndarray, dtype: Optional[str] = None) -> CollectiveTiming:
-        return CollectiveTiming(0.0, 0.0)
+        return CollectiveTiming(0.0)
 
     def reduction_name(self, dtype: str) -> str:
         return "none (single process)"
@@ -76,7 +80,7 @@ class MPIComm:
         self._reductions: dict[str, tuple] = {}  # dtype -> (datatype, op, how), made at first use
 
     def allreduce_sum(self, buf: np.ndarray, dtype: Optional[str] = None) -> CollectiveTiming:
-        """Sum `buf` over all ranks in place; a barrier first separates waiting from transfer.
+        """Sum `buf` over all ranks in place, timed (waiting for the last rank included).
 
         dtype None: `buf`'s own numpy type. 'fp16'/'bf16': a buffer from compress.encode, summed
         as half-precision values (bf16 bits are uint16, which a plain SUM would add as integers).
@@ -86,11 +90,8 @@ class MPIComm:
             datatype, op, _ = self._reduction(dtype)
             target = [buf, datatype]
         t0 = self._MPI.Wtime()
-        self._world.Barrier()
-        t1 = self._MPI.Wtime()
         self._world.Allreduce(self._MPI.IN_PLACE, target, op=op)
-        t2 = self._MPI.Wtime()
-        return CollectiveTiming(t1 - t0, t2 - t1)
+        return CollectiveTiming(self._MPI.Wtime() - t0)
 
     def _reduction(self, dtype: str) -> tuple:
         if dtype not in self._reductions:

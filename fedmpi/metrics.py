@@ -108,18 +108,25 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
                 t_eval: float, t_round: float) -> dict:
     """One round's row from rank 0's scores and every rank's timings and node scores."""
     t_train = np.array([r["t_train"] for r in per_rank])
-    t_wait = np.array([r["t_wait"] for r in per_rank])
+    t_wait, t_transfer = split_collective(np.array([r["t_collective"] for r in per_rank]))
     nodes = [n for r in per_rank for n in r["nodes"]]
     central = central or {}
     row = dict(round=rnd, test_acc=test[0], test_loss=test[1],
                central_acc=(central.get("test_acc") or [None])[-1], central_loss=(central.get("test_loss") or [None])[-1],
                t_round=t_round, t_train_max=float(t_train.max()), t_train_mean=float(t_train.mean()),
                t_wait=float(t_wait.mean()), t_wait_max=float(t_wait.max()),
-               t_allreduce=max(r["t_allreduce"] for r in per_rank), t_eval=t_eval,
+               t_allreduce=t_transfer, t_eval=t_eval,
                payload_bytes=payload, wire_bytes_est=wire_bytes_estimate(payload, ranks), ranks=ranks, nodes=len(nodes))
     row.update(summarize("local_acc", np.array([n["local_acc"] for n in nodes])))
     row.update(summarize("main_on_local_acc", np.array([n["main_on_local_acc"] for n in nodes])))
     return row
+
+
+def split_collective(t_collective: np.ndarray) -> tuple[np.ndarray, float]:
+    """Each rank's wait for the last arrival, and the transfer: the last rank to arrive waits least,
+    so the smallest time in the collective is the transfer and the excess over it is waiting."""
+    transfer = float(t_collective.min())
+    return t_collective - transfer, transfer
 
 
 def describe_round(row: dict, rounds: int) -> str:

@@ -101,7 +101,7 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     # 5. record: rank 0 gathers every rank's timings and node scores.
     nodes = [dict(node=st.first + k, rank=st.comm.rank, samples=int(st.samples[k]), local_acc=float(local_acc[k]),
                   main_on_local_acc=float(main_on_local[k])) for k in range(len(st.samples))]
-    per_rank = st.comm.gather(dict(t_train=t_train, t_wait=timing.t_wait, t_allreduce=timing.t_allreduce, nodes=nodes))
+    per_rank = st.comm.gather(dict(t_train=t_train, t_collective=timing.t_collective, nodes=nodes))
     if per_rank is None:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)

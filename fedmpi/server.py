@@ -23,6 +23,8 @@ class ServerOptimizer:
         """The new main model from the old one and this round's averaged update."""
         if main.shape != update.shape:
             raise ValueError(f"main has shape {tuple(main.shape)}, update {tuple(update.shape)}")
+        if type(self) is ServerOptimizer:  # plain FedAvg: one pass in the model's dtype, no state
+            return main.add(update.to(main.dtype), alpha=self.lr)
         return (main.double() + self.lr * self.direction(update.double())).to(main.dtype)
 
     def direction(self, d: torch.Tensor) -> torch.Tensor:

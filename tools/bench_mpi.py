@@ -54,7 +54,7 @@ def bench_comm(size: int, reps: int) -> None:
         t3 = time.perf_counter()
         if rep >= 2:
             fed.append(slowest(comm, t1 - t0))
-            inner.append(slowest(comm, timing.t_allreduce))
+            inner.append(min(comm.allgather(timing.t_collective)))  # the transfer, as fedmpi reports it
             plain.append(slowest(comm, t3 - t2))
     if comm.rank == 0:
         print(json.dumps(dict(ranks=comm.size, bytes=raw.nbytes, fedmpi_ms=1e3 * np.median(fed),
