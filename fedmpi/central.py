@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -50,13 +50,17 @@ def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.T
     return {"test_acc": accs, "test_loss": losses, "samples": len(y), "epochs": cfg.central_epochs}
 
 
-def central_baseline(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+def central_baseline(cfg: Config, load_train: Callable[[], tuple], test_x: torch.Tensor, test_y: torch.Tensor,
                      input_shape: tuple, classes: int) -> dict:
-    """The cached result when there is one, else train and cache it (written atomically)."""
+    """The cached result when there is one, else train and cache it (written atomically).
+
+    `load_train` returns the union of all shards on the device; it is called only when training,
+    so a rerun with a cached baseline never reads the whole training set.
+    """
     cached = load_cached(cfg)
     if cached is not None:
         return dict(cached, cached=True)
-    result = train_central(cfg, x, y, test_x, test_y, input_shape, classes)
+    result = train_central(cfg, *load_train(), test_x, test_y, input_shape, classes)
     path = cache_path(cfg)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result))

@@ -86,9 +86,11 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
         st.test = to_device(*read_test(path), scale, device)
         st.rows = st.rows or []
         if cfg.central_epochs:
-            everything = read_nodes(path, "train", 0, cfg.nodes)
-            st.central = central_baseline(cfg, *to_device(everything.x, everything.y, scale, device), *st.test,
-                                          shape, classes)
+            def load_all_shards() -> tuple:
+                everything = read_nodes(path, "train", 0, cfg.nodes)
+                return to_device(everything.x, everything.y, scale, device)
+
+            st.central = central_baseline(cfg, load_all_shards, *st.test, shape, classes)
     return st
 
 

@@ -66,8 +66,9 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.nda
             a, b = int(loffsets[k]), int(loffsets[k + 1])
             local_acc[k] = per_node_accuracy(st.model, chunk.params[row], lx[a:b], ly[a:b], np.array([0, b - a]))[0]
         finite = torch.isfinite(chunk.params).all(dim=1)
-        dropped += drop_diverged(st, chunk.nodes, finite.cpu().numpy(), rnd)
-        update.add(chunk.params[finite], st.weights[np.array(ks)[finite.cpu().numpy()]])
+        finite_host = finite.cpu().numpy()
+        dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
+        update.add(chunk.params[finite], st.weights[np.array(ks)[finite_host]])
         progress(st, ks[-1] + 1)
 
 
