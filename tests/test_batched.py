@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.batched import BatchedEngine, make_engine, make_plan, mlp_layers
+import threading
+import time
+
+from fedmpi.batched import BatchedEngine, make_engine, make_plan, mlp_layers, parallel_in_order, split_rows
 from fedmpi.config import Config
 from fedmpi.models import build_model
 from fedmpi.train import SequentialEngine, flatten
@@ -155,3 +158,63 @@ def test_fedprox_on_a_sampled_subset_is_the_same_in_both_engines(model_name):
     assert (got_mom[[1, 4]] == 0).all() and (got_mom[rows] != 0).any(1).all()  # unselected nodes untouched
     plain, _ = train_subset(BatchedEngine, model_name, config(chunk=3, prox_mu=0.0), rows)
     assert rel_diff(got, plain) > 1e-4  # the proximal term really acted
+
+
+def test_split_rows_cuts_near_equal_parts_in_order_a_multiple_of_the_workers():
+    rows = np.arange(100)
+    for chunk, workers, count in ((17, 1, 6), (25, 1, 4), (25, 3, 6), (100, 2, 2), (7, 2, 16)):
+        parts = split_rows(rows, chunk, workers)
+        sizes = [len(p) for p in parts]
+        assert len(parts) == count and max(sizes) <= chunk and max(sizes) - min(sizes) <= 1, (chunk, workers)
+        assert np.concatenate(parts).tolist() == rows.tolist()
+    assert [p.tolist() for p in split_rows(np.array([4]), 3, 2)] == [[4]]  # fewer rows than workers
+    assert split_rows(np.array([], dtype=np.int64), 3, 2) == []
+
+
+def test_only_the_mlp_path_trains_chunks_on_several_threads():
+    x, y, offsets = shards(EQUAL)
+    torch.set_num_threads(2)
+    assert BatchedEngine(build_model("2nn", SHAPE, 10, 0), x, y, offsets, 0, config()).workers == 2
+    # functional_call swaps the module's parameters in place: not safe on two threads at once.
+    assert BatchedEngine(build_model("cnn", SHAPE, 10, 0), x, y, offsets, 0, config()).workers == 1
+
+
+def test_worker_threads_give_exactly_the_single_thread_result():
+    """Each chunk runs single-threaded on some worker: for the same chunks, the same bits.
+
+    (6 nodes in chunks of 2 make 3 parts, a multiple of 3 workers; 4 sampled nodes in chunks of 1
+    make 4 parts, a multiple of 2, so split_rows cuts them as for one worker.)"""
+    one, one_mom = run_rounds(BatchedEngine, "2nn", UNEQUAL, config(chunk=2), rounds=2)
+    torch.set_num_threads(3)  # the engine takes its worker count from torch's threads
+    three, three_mom = run_rounds(BatchedEngine, "2nn", UNEQUAL, config(chunk=2), rounds=2)
+    assert torch.get_num_threads() == 3  # restored after the parallel section
+    assert torch.equal(three[-1], one[-1]) and torch.equal(three_mom, one_mom)
+    rows = np.array([0, 2, 3, 5])
+    torch.set_num_threads(1)
+    one_sub, _ = train_subset(BatchedEngine, "2nn", config(chunk=1), rows)
+    torch.set_num_threads(2)
+    assert torch.equal(train_subset(BatchedEngine, "2nn", config(chunk=1), rows)[0], one_sub)
+
+
+def test_parallel_in_order_yields_in_order_on_several_threads_and_raises_a_workers_error():
+    threads = set()
+
+    def slow_first(i):
+        threads.add(threading.get_ident())
+        time.sleep(0.02 * (6 - i))  # later items finish first
+        return i
+
+    torch.set_num_threads(2)
+    assert list(parallel_in_order(slow_first, list(range(6)), 3)) == list(range(6))
+    assert len(threads) > 1 and torch.get_num_threads() == 2
+
+    def fails_on_three(i):
+        if i == 3:
+            raise ValueError("node 3 diverged")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="node 3"):
+        for i in parallel_in_order(fails_on_three, list(range(6)), 2):
+            got.append(i)
+    assert got == [0, 1, 2] and torch.get_num_threads() == 2
