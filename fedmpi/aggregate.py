@@ -4,9 +4,9 @@ Each rank packs sum_k w_k * (theta_k - theta_main) over its nodes, followed by a
 sum_k w_k, the count of nodes dropped (NaN/Inf) and the rank's stop vote (a signal arrived),
 into one flat buffer; one Allreduce(SUM) adds the ranks, so the ranks agree on the average, on
 the dropped count and on stopping without another round trip; `apply_update` divides and adds
-the mean update to the main model. Summing updates rather than weights keeps the rounding error of the
-float32 collective at the scale of the update, far below the weights' own last bit, so the
-result hardly depends on how many ranks took part.
+the mean update to the main model in one pass. Summing updates rather than weights keeps the
+rounding error of the float32 sums at the scale of the update, far below the weights' own last
+bit, so the result hardly depends on how many ranks took part.
 """
 from __future__ import annotations
 
@@ -26,35 +26,47 @@ def node_weights(aggregation: str, samples: np.ndarray) -> np.ndarray:
 
 
 class UpdateSum:
-    """Accumulates weighted updates of this rank's nodes in float64, on the training device."""
+    """Accumulates this rank's weighted node updates straight into the collective's payload.
+
+    The payload is float32 [P updates | weight, dropped, stop]. On a CPU the running sum lives in
+    the payload itself, so `pack` only writes the trailer; on a GPU the sum stays on the device
+    and `pack` copies it once into a pinned (page-locked) host payload, one DMA with no bounce
+    buffer. float32 sums of updates round at the update's scale (~1e-9 of a weight), far below
+    the weights' own last bit.
+    """
 
     def __init__(self, main: torch.Tensor) -> None:
         self.main = main
-        self.total = torch.zeros(main.numel(), dtype=torch.float64, device=main.device)
+        size, on_gpu = main.numel(), main.device.type == "cuda"
+        self.payload = torch.zeros(size + TRAILER, dtype=torch.float32, pin_memory=on_gpu)
+        self.total = torch.zeros(size, dtype=torch.float32, device=main.device) if on_gpu else self.payload[:size]
         self.weight = 0.0
 
     def add(self, params: torch.Tensor, weights: np.ndarray) -> None:
         """Add rows params[j] with weights[j] (params: [k, P])."""
-        w = torch.as_tensor(weights, dtype=torch.float64, device=params.device)
-        self.total += w @ (params.double() - self.main.double())
-        self.weight += float(np.sum(weights))
+        if len(weights):
+            w = torch.as_tensor(weights, dtype=torch.float32, device=params.device)
+            self.total.addmv_((params.float() - self.main.float()).t(), w)
+            self.weight += float(np.sum(weights))
 
     def pack(self, dropped: int = 0, stop: bool = False, dtype: str = "fp32", round_weight: float = 1.0) -> np.ndarray:
         """The collective's payload: [updates, weight, dropped nodes, stop vote] (P + 3 values).
 
-        fp32: the weighted sum itself, divided after the Allreduce. fp16/bf16: the sum divided by
-        the round's total weight first (known on every rank), so the values sit at the update's own
-        scale, well inside fp16's range, and the buffer sums to the mean update itself.
+        fp32: the payload itself (the Allreduce sums it in place), divided after the Allreduce.
+        fp16/bf16: the sum divided by the round's total weight first (known on every rank), so
+        the values sit at the update's own scale, well inside fp16's range, and the buffer sums
+        to the mean update itself.
         """
         size = self.main.numel()
         if dtype == "fp32":
-            buf = np.empty(size + TRAILER, dtype=np.float32)
-            buf[:size] = self.total.cpu().numpy()
+            if self.total.data_ptr() != self.payload.data_ptr():
+                self.payload[:size].copy_(self.total)
+            buf = self.payload.numpy()
             buf[size:] = (self.weight, dropped, float(stop))
             return buf
         tail = torch.tensor([self.weight / round_weight, dropped, float(stop)], dtype=torch.float64,
                             device=self.total.device)
-        return encode(torch.cat([self.total / round_weight, tail]), dtype)
+        return encode(torch.cat([self.total.double() / round_weight, tail]), dtype)
 
 
 TRAILER = 3
@@ -70,22 +82,24 @@ def trailer(reduced: np.ndarray, dtype: str = "fp32") -> tuple[float, int, bool]
     return weight, int(round(dropped)), stop > 0
 
 
-def mean_update(reduced: np.ndarray, dtype: str = "fp32") -> torch.Tensor:
-    """The round's mean update (float32, one pass) from the all-reduced buffer."""
+def summed_update(reduced: np.ndarray, dtype: str = "fp32") -> tuple[torch.Tensor, float]:
+    """(u, s) with the round's mean update = s * u, with no pass over the buffer: for fp32, u is
+    the all-reduced sum itself (a view) and s = 1 / total weight."""
     weight, dropped, _ = trailer(reduced, dtype)
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
     if dtype == "fp32":
-        return torch.from_numpy(reduced[:-TRAILER]) * (1.0 / weight)
-    update = decode(reduced[:-TRAILER], dtype)
+        return torch.from_numpy(reduced[:-TRAILER]), 1.0 / weight
     # Pre-divided by the whole round's weight: rescale only when dropped nodes left a share out,
     # since the half-precision share itself carries rounding error.
-    return update / weight if dropped else update
+    return decode(reduced[:-TRAILER], dtype), (1.0 / weight if dropped else 1.0)
 
 
 def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:
-    """Plain FedAvg: main + (sum of w*update) / (sum of w), from an fp32 all-reduced buffer."""
-    return main + mean_update(reduced).to(main.device, main.dtype)
+    """Plain FedAvg in one pass, in place: main += (sum of w*update) / (sum of w), from an fp32
+    all-reduced buffer; returns main."""
+    update, scale = summed_update(reduced)
+    return main.add_(update.to(main.device, main.dtype), alpha=scale)
 
 
 def wire_bytes_estimate(payload_bytes: int, ranks: int) -> int:

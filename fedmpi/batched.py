@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .train import Chunk, SequentialEngine, batch_generator, flatten, views
+from .train import Chunk, SequentialEngine, batch_generator, compute_dtype, flatten, views
 
 # CPU working-set budget for one chunk (params + momentum + grads + activations). About the
 # size of the last-level cache: measured on a 2-core EPYC (32 MiB L3), K=16..32 was fastest for
@@ -89,8 +89,9 @@ class MLPKernel:
     and buffers are most of the memory traffic of a step.
     """
 
-    def __init__(self, model: nn.Module, layers: list[tuple[nn.Linear, bool]]) -> None:
+    def __init__(self, model: nn.Module, layers: list[tuple[nn.Linear, bool]], dtype=None) -> None:
         self.relu = [r for _, r in layers]
+        self.dtype = dtype  # of the matmuls (None: the data's); bfloat16 mirrors torch.autocast
         params = list(model.parameters())
         where = dict(zip(map(id, params), np.cumsum([0] + [p.numel() for p in params]).tolist()))
         # Slots W0, b0, W1, b1, ...: each one's offset and shape in the flat vector of model.parameters().
@@ -129,12 +130,15 @@ class MLPKernel:
     def _step(self, params, bufs, xs, y, idx, weight, scale, m: float) -> None:
         """Forward, backward and momentum of one step; the parameters move in _update."""
         K, B = idx.shape
-        acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1)]
+        fd = xs.dtype
+        cd = self.dtype or fd  # without autocast every .to() below is a no-op
+        acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1).to(cd)]
         for layer, relu in enumerate(self.relu):
-            z = torch.baddbmm(params[2 * layer + 1].unsqueeze(1), acts[-1], params[2 * layer].transpose(1, 2))
+            w, b = params[2 * layer].to(cd), params[2 * layer + 1].to(cd)
+            z = torch.baddbmm(b.unsqueeze(1), acts[-1], w.transpose(1, 2))
             acts.append(z.relu_() if relu else z)
         # d(sum_i w_i CE_i)/d logits = w_i (softmax_i - onehot_i): each node's mean loss, padding weighted 0.
-        g = torch.softmax(acts.pop(), dim=2)
+        g = torch.softmax(acts.pop().to(fd), dim=2)
         g.scatter_add_(2, y[idx].unsqueeze(2), torch.full((K, B, 1), -1.0, dtype=g.dtype, device=g.device))
         g.mul_(weight.unsqueeze(2))
         beta = m
@@ -146,10 +150,14 @@ class MLPKernel:
                 b.mul_(decay.view(-1, *[1] * (b.dim() - 1)))
         for layer in reversed(range(len(self.relu))):
             a = acts[layer]
-            bufs[2 * layer].baddbmm_(g.transpose(1, 2), a, beta=beta)
+            if cd == fd:
+                bufs[2 * layer].baddbmm_(g.transpose(1, 2), a, beta=beta)
+            else:  # a bfloat16 product cannot accumulate into the float32 buffer within baddbmm_
+                bufs[2 * layer].mul_(beta).add_(torch.bmm(g.to(cd).transpose(1, 2), a))
             bufs[2 * layer + 1].mul_(beta).add_(g.sum(1))
             if layer:  # through the ReLU: one fused op, no boolean mask tensor
-                g = torch.ops.aten.threshold_backward(torch.bmm(g, params[2 * layer]), a, 0)
+                back = torch.bmm(g.to(cd), params[2 * layer].to(cd))
+                g = torch.ops.aten.threshold_backward(back, a, 0).to(fd)
 
     @staticmethod
     def _update(params, bufs, scale, lr: float) -> None:
@@ -177,8 +185,8 @@ class VmapKernel:
     then runs on the whole [K, P] matrices (two passes over memory per step).
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, dtype=None) -> None:
+        self.model, self.dtype = model, dtype
         self.names = [n for n, _ in model.named_parameters()]
         self.like = list(model.parameters())
 
@@ -196,7 +204,8 @@ class VmapKernel:
                                        zip(views_k(flat, self.like), self.like)]))
         for s in range(plan.idx.shape[0]):
             idx = plan.idx[s]
-            g = self.grads(params, x[idx], y[idx], plan.weight[s])
+            with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                g = self.grads(params, x[idx], y[idx], plan.weight[s])
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
             if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
                 g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))
@@ -262,7 +271,8 @@ class BatchedEngine:
         size = sum(p.numel() for p in model.parameters())
         self.momentum = torch.zeros(nodes, size, device=x.device, dtype=x.dtype)
         layers = mlp_layers(model)
-        self.kernel = MLPKernel(model, layers) if layers else VmapKernel(model)
+        dtype = compute_dtype(cfg)
+        self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype)
         chunk = getattr(cfg, "chunk_nodes", 0)
         self.chunk = chunk if chunk > 0 else (auto_chunk(model, x, cfg.batch_size, nodes) if len(x) else 1)
         # functional_call swaps the shared module's parameters while it runs: the vmap path is

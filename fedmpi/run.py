@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__, checkpoint, faults
-from .aggregate import UpdateSum, mean_update, trailer
+from .aggregate import UpdateSum, summed_update, trailer
 from .compress import payload_bytes
 from .config import Config, save_config
 from .errors import FedmpiError
@@ -121,7 +121,7 @@ def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, stop: bool, s
     if dropped_total > cfg.max_dropped_fraction * len(selected):
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
-    st.main = st.server.step(st.main, mean_update(buf, cfg.update_dtype).to(st.device))
+    st.main = st.server.step(st.main, *summed_update(buf, cfg.update_dtype))
     return buf, timing, dropped_total, stop_all
 
 

@@ -3,7 +3,7 @@
 After the Allreduce every rank holds the same averaged update d = mean_k w_k (theta_k - main)
 and calls `step(main, d)` with the same state, so the main models stay identical without any
 further message. d points downhill (it is minus a pseudo-gradient), hence `main + ...` below.
-State is kept in float64 like the aggregation sums; the new main comes back in main's dtype.
+State is kept in float64; the main model stays in its own dtype and is updated in place.
 """
 from __future__ import annotations
 
@@ -19,13 +19,19 @@ class ServerOptimizer:
         self.lr = lr
         self._state: dict[str, torch.Tensor] = {}
 
-    def step(self, main: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """The new main model from the old one and this round's averaged update."""
+    def step(self, main: torch.Tensor, update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Move `main` in place along this round's averaged update, scale * `update` (the
+        all-reduced sum and 1 / total weight: the division rides along in the same pass); returns it.
+
+        In place because the old main model has no reader left once a round's updates are summed,
+        and a fresh [P] tensor per round costs an allocation as large as the Allreduce's own work.
+        """
         if main.shape != update.shape:
             raise ValueError(f"main has shape {tuple(main.shape)}, update {tuple(update.shape)}")
+        update = update.to(main.device)
         if type(self) is ServerOptimizer:  # plain FedAvg: one pass in the model's dtype, no state
-            return main.add(update.to(main.dtype), alpha=self.lr)
-        return (main.double() + self.lr * self.direction(update.double())).to(main.dtype)
+            return main.add_(update.to(main.dtype), alpha=self.lr * scale)
+        return main.copy_(main.double() + self.lr * self.direction(update.double() * scale))
 
     def direction(self, d: torch.Tensor) -> torch.Tensor:
         return d

@@ -43,21 +43,31 @@ def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     torch._foreach_copy_(params, views(flat, params))
 
 
+def compute_dtype(cfg) -> Optional[torch.dtype]:
+    """Config key autocast: bfloat16 for local training's matmuls, or None (the data's own dtype).
+    Weights and momentum keep their dtype either way."""
+    return torch.bfloat16 if getattr(cfg, "autocast", "off") == "bf16" else None
+
+
 def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator,
-               prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None) -> None:
+               prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None,
+               dtype: Optional[torch.dtype] = None) -> None:
     """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
 
     The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
     With prox_mu > 0 (FedProx) the gradient of mu/2 ||w - anchor||^2 is added to each step's.
+    dtype bfloat16: the forward and its backward run under torch.autocast (mixed precision).
     """
     params = list(model.parameters())
     n = len(y)
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(x.device)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            with autocast:
+                loss = F.cross_entropy(model(x[idx]), y[idx])
             grads = list(torch.autograd.grad(loss, params))
             if prox_mu:
                 add_proximal_(grads, params, anchor, prox_mu)
@@ -97,7 +107,7 @@ class SequentialEngine:
             load_flat(self.params, main)
             sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
                        cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
-                       cfg.prox_mu, anchor)
+                       cfg.prox_mu, anchor, compute_dtype(cfg))
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:

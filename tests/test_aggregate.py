@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.aggregate import UpdateSum, apply_update, node_weights, trailer, wire_bytes_estimate
+from fedmpi.aggregate import UpdateSum, apply_update, node_weights, summed_update, trailer, wire_bytes_estimate
 
 
 def test_node_weights():
@@ -34,6 +34,22 @@ def test_weighted_mean_by_sample_count_by_hand():
 def test_payload_is_float32_params_plus_a_three_value_trailer():
     buf = UpdateSum(torch.zeros(199210)).pack()
     assert buf.dtype == np.float32 and buf.nbytes == 4 * 199210 + 12
+
+
+def test_on_a_cpu_the_running_sum_is_the_payload_so_packing_copies_nothing():
+    total = UpdateSum(torch.zeros(3))
+    total.add(torch.tensor([[1.0, 2.0, 3.0]]), np.array([2.0]))
+    buf = total.pack(dropped=1)
+    assert np.shares_memory(buf, total.total.numpy()) and buf.tolist() == [2.0, 4.0, 6.0, 2.0, 1.0, 0.0]
+    total.add(torch.zeros(0, 3), np.zeros(0))  # a chunk whose nodes all diverged adds nothing
+    assert total.weight == 2.0
+
+
+def test_summed_update_leaves_the_division_to_the_consumer():
+    reduced = np.array([2.0, 4.0, 4.0, 0, 0], dtype=np.float32)
+    update, scale = summed_update(reduced)
+    assert update.tolist() == [2.0, 4.0] and scale == 0.25
+    assert np.shares_memory(update.numpy(), reduced)  # a view: no pass over the buffer yet
 
 
 def test_trailer_sums_dropped_nodes_and_stop_votes_over_ranks():

@@ -218,3 +218,24 @@ def test_parallel_in_order_yields_in_order_on_several_threads_and_raises_a_worke
         for i in parallel_in_order(fails_on_three, list(range(6)), 2):
             got.append(i)
     assert got == [0, 1, 2] and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("model_name", ["2nn", "cnn"])
+def test_bf16_autocast_acts_in_both_engines_and_stays_near_float32(model_name):
+    """bfloat16 matmuls move the result by a few % of the update (fp32's own noise is ~1e-7):
+    far enough to show autocast acted, near enough to show the gradients are still right."""
+    fp32, _ = run_rounds(BatchedEngine, model_name, UNEQUAL, config(chunk=4), rounds=2)
+    step = (fp32[-1] - fp32[0].mean(0)).abs().max()
+    for engine_cls in (SequentialEngine, BatchedEngine):
+        cfg = config(chunk=4)
+        cfg.autocast = "bf16"
+        bf16, mom = run_rounds(engine_cls, model_name, UNEQUAL, cfg, rounds=2)
+        assert bf16[-1].dtype == torch.float32 and mom.dtype == torch.float32  # master weights stay float32
+        moved = float((bf16[-1] - fp32[-1]).abs().max() / step)
+        assert 1e-3 < moved < 0.15, (engine_cls.__name__, moved)
+
+
+def test_autocast_key_is_checked():
+    assert Config(autocast="bf16").autocast == "bf16"
+    with pytest.raises(Exception, match="autocast"):
+        Config(autocast="fp8")

@@ -30,6 +30,15 @@ def test_none_is_plain_fedavg_scaled_by_the_server_lr():
     assert ServerOptimizer(lr=0.5).step(t(1, 2), t(0.5, -1)).tolist() == [1.25, 1.5]
 
 
+@pytest.mark.parametrize("name", ["none", "fedavgm", "fedadam"])
+def test_a_scaled_sum_steps_exactly_like_the_mean_it_stands_for(name):
+    """step(main, sum, 1/weight) == step(main, sum / weight): how run.py hands over the Allreduce's sum."""
+    summed, weight = t(1.0, -3.0, 0.5), 4.0
+    direct = make_server_optimizer(name).step(t(1, 2, 3), summed / weight)
+    scaled = make_server_optimizer(name).step(t(1, 2, 3), summed, 1 / weight)
+    assert scaled.tolist() == direct.tolist() and scaled.tolist() != t(1, 2, 3).tolist()
+
+
 def test_fedavgm_accumulates_momentum_across_rounds():
     # momentum 0.5, lr 2, main0 = [0, 0]
     # d1 = [1, -2]: v1 = [1, -2],                        main1 = 2 v1          = [2, -4]

@@ -1,17 +1,19 @@
 """Benchmark: the tutorial's loop vs fedmpi's sequential and batched engines, communication, scaling.
 
-    python tools/bench.py [--rounds N] [--quick] [--device cpu|cuda] [--data-dir DIR]
+    python tools/bench.py [--rounds N] [--quick] [--device cpu|cuda] [--bf16] [--data-dir DIR]
 
 Training: the tutorial setup (100 nodes x 450 MNIST images, 2nn, 10 local epochs, batch 32, lr 0.01,
 momentum 0.9), the three contenders interleaved round by round in one process (A B C A B C ...) so
 a noisy neighbour hurts all of them alike; ratios are medians of the per-round pairs. Then fedmpi's
 aggregation step vs a raw MPI Allreduce (tools/bench_mpi.py under mpirun) and one round of the same
-work at 1 rank x 2 threads vs 2 ranks x 1 thread.
+work at 1 rank x 2 threads vs 2 ranks x 1 thread. --bf16 adds a fourth contender, the batched
+engine with autocast bf16, with its accuracy curve beside float32's.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import resource
@@ -38,7 +40,7 @@ from fedmpi.train import SequentialEngine, flatten, load_flat  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = Path("/work/shared/data/mnist")
-NAMES = {"A": "tutorial loop", "B": "engine sequential", "C": "engine batched"}
+NAMES = {"A": "tutorial loop", "B": "engine sequential", "C": "engine batched", "D": "batched, bf16 autocast"}
 
 
 def sync(device: torch.device) -> float:
@@ -102,9 +104,11 @@ def contenders(cfg, shape, data, dev, only: str = "ABC"):
     """The round functions of the contenders in `only`, each with its own copy of the initial model."""
     model = build_model(cfg.model, shape, 10, cfg.seed).to(dev)
     x, y, offsets = data[:3]
+    bf16 = dataclasses.replace(cfg, autocast="bf16")
     make = {"A": lambda: Tutorial(model, x, y, offsets, cfg).round,
             "B": lambda: (lambda m, r, e=SequentialEngine(copy.deepcopy(model), x, y, offsets, 0, cfg): engine_round(e, m, r)),
-            "C": lambda: (lambda m, r, e=BatchedEngine(copy.deepcopy(model), x, y, offsets, 0, cfg): engine_round(e, m, r))}
+            "C": lambda: (lambda m, r, e=BatchedEngine(copy.deepcopy(model), x, y, offsets, 0, cfg): engine_round(e, m, r)),
+            "D": lambda: (lambda m, r, e=BatchedEngine(copy.deepcopy(model), x, y, offsets, 0, bf16): engine_round(e, m, r))}
     return model, {k: make[k]() for k in only}
 
 
@@ -112,7 +116,7 @@ def train_part(args) -> dict:
     """Interleaved rounds; returns per-contender times (s) and test accuracy per round."""
     cfg, path, shape, data = load_setup(args)
     dev = torch.device(args.device)
-    model, fns = contenders(cfg, shape, data, dev)
+    model, fns = contenders(cfg, shape, data, dev, only="ABCD" if args.bf16 else "ABC")
     mains = {k: flatten(list(model.parameters())) for k in fns}
     times, cpu, acc = ({k: [] for k in fns} for _ in range(3))
     for rnd in range(1, args.rounds + 1):
@@ -182,7 +186,7 @@ def peak_rss_mib() -> float:
 def probe_memory(args) -> dict:
     """Peak memory of each contender alone (fresh processes; 'none' is the data and model without training)."""
     out = {}
-    for k in ("none", "A", "B", "C"):
+    for k in ("none", "A", "B", "C") + (("D",) if args.bf16 else ()):
         cmd = [sys.executable, __file__, "--probe", k, "--epochs", "1", "--device", args.device,
                "--data-dir", str(args.data_dir), "--work", str(args.work), "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -221,7 +225,7 @@ def report(res: dict, args, mem: dict, comm: list, scale: list) -> None:
     print("| contender | wall ms / node-epoch | CPU ms / node-epoch | GFLOP/s (wall) | of bmm-like | of 2048^3 sgemm "
           "| peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
-    for k in "ABC":
+    for k in t:
         sec = float(np.median(t[k]))
         rate = flops / sec / 1e9
         gpu = f" (GPU {mem[k]['cuda_peak_mib']:.0f})" if "cuda_peak_mib" in mem[k] else ""
@@ -236,11 +240,16 @@ def report(res: dict, args, mem: dict, comm: list, scale: list) -> None:
     print(f"by CPU time: batched / tutorial {median_ratio(c['A'], c['C']):.2f}x, "
           f"batched / sequential {median_ratio(c['B'], c['C']):.2f}x, sequential / tutorial {median_ratio(c['A'], c['B']):.2f}x"
           f"{'' if torch.get_num_threads() == 1 else ' (with several threads CPU time counts spinning too)'}")
+    if "D" in t:
+        print(f"bf16 autocast: batched bf16 / batched fp32 {median_ratio(t['C'], t['D']):.2f}x (above 1: bf16 faster)")
     print("\ntest accuracy per round:")
-    for k in "ABC":
+    for k in t:
         print(f"  {NAMES[k]:<18} " + " ".join(f"{a:.4f}" for a in res["acc"][k]))
     spread = np.max(np.ptp(np.array([res["acc"][k] for k in "ABC"]), axis=0))
-    print(f"  largest spread between contenders in a round: {spread:.4f}")
+    print(f"  largest spread between the float32 contenders in a round: {spread:.4f}")
+    if "D" in t:
+        gap = np.array(res["acc"]["D"]) - np.array(res["acc"]["C"])
+        print(f"  bf16 autocast minus float32 (batched): " + " ".join(f"{g:+.4f}" for g in gap))
     if comm:
         print("\n## Aggregation step: fedmpi (pack + allreduce_sum + apply_update) vs raw mpi4py Allreduce, same buffer\n")
         print("| ranks | payload bytes | fedmpi ms | of which allreduce ms | raw Allreduce ms | fedmpi / raw |")
@@ -266,6 +275,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=host_cores())
     p.add_argument("--chunk", type=int, default=0, help="chunk_nodes of the batched engine (0: auto)")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--bf16", action="store_true", help="add contender D: the batched engine with autocast bf16")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -284,7 +294,7 @@ def main() -> None:
     res = train_part(args)
     size = sum(p.numel() for p in res["model"].parameters())
     comm = [r for n in ((2, 4) if args.quick else (2, 4, 8, 16))
-            for r in run_mpi(n, ["comm", "--size", str(size), "--reps", "10" if args.quick else "30"])]
+            for r in run_mpi(n, ["comm", "--size", str(size), "--reps", "10" if args.quick else "30", "--device", args.device])]
     common = ["--data-file", str(res["path"]), "--epochs", str(args.epochs), "--chunk", str(args.chunk),
               "--data-dir", str(args.data_dir)]
     # The scaling part shares out CPU cores; with one GPU there is nothing to share out.

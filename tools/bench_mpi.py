@@ -1,6 +1,6 @@
 """The MPI parts of tools/bench.py, run under mpirun; rank 0 prints one JSON line per result.
 
-    mpirun -n N python tools/bench_mpi.py comm --size P [--reps R]
+    mpirun -n N python tools/bench_mpi.py comm --size P [--reps R] [--device cuda]
     mpirun -n N python tools/bench_mpi.py scale --threads T --data-file F [--epochs E] [--chunk K]
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.aggregate import UpdateSum, apply_update  # noqa: E402
+from fedmpi.aggregate import TRAILER, UpdateSum, apply_update  # noqa: E402
 from fedmpi.batched import BatchedEngine  # noqa: E402
 from fedmpi.comm import world  # noqa: E402
 from fedmpi.config import Config  # noqa: E402
@@ -27,27 +27,41 @@ from fedmpi.shards import read_attrs, read_nodes  # noqa: E402
 from fedmpi.train import flatten  # noqa: E402
 
 
+def sync(device: torch.device) -> float:
+    """A wall-clock reading after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def slowest(comm, seconds: float) -> float:
     """The largest value over the ranks: a collective step ends when its last rank does."""
     return max(comm.allgather(seconds))
 
 
-def bench_comm(size: int, reps: int) -> None:
-    """fedmpi's aggregation (pack + allreduce_sum + apply_update) vs a raw Allreduce of the same float32 buffer."""
+def bench_comm(size: int, reps: int, device: str = "cpu") -> None:
+    """fedmpi's aggregation (pack + allreduce_sum + apply_update) vs a raw Allreduce of the same float32 buffer.
+
+    On cuda the updates and the main model live on the GPU: pack copies them into pinned host
+    memory, and apply copies the sum back, both inside the timed step."""
     comm = world()
     torch.set_num_threads(1)
-    main = torch.zeros(size)
+    dev = torch.device(device)
+    main = torch.zeros(size, device=dev)
     update = UpdateSum(main)
-    update.add(torch.full((1, size), 1e-3 * (comm.rank + 1)), np.ones(1))
-    raw = np.ones(len(update.pack()), dtype=np.float32)
+    raw = np.ones(size + TRAILER, dtype=np.float32)
     fed, inner, plain = [], [], []
     for rep in range(reps + 2):  # the first two warm up the transport
+        # As in a round: the nodes' updates have just been summed into the payload (untimed).
+        update.total.fill_(1e-3 * (comm.rank + 1))
+        update.weight = 1.0
+        raw.fill(1.0)
         comm.barrier()
-        t0 = time.perf_counter()
+        t0 = sync(dev)
         buf = update.pack()
         timing = comm.allreduce_sum(buf)
         apply_update(main, buf)
-        t1 = time.perf_counter()
+        t1 = sync(dev)
         comm.barrier()
         t2 = time.perf_counter()
         MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM)
@@ -57,7 +71,7 @@ def bench_comm(size: int, reps: int) -> None:
             inner.append(min(comm.allgather(timing.t_collective)))  # the transfer, as fedmpi reports it
             plain.append(slowest(comm, t3 - t2))
     if comm.rank == 0:
-        print(json.dumps(dict(ranks=comm.size, bytes=raw.nbytes, fedmpi_ms=1e3 * np.median(fed),
+        print(json.dumps(dict(ranks=comm.size, device=device, bytes=raw.nbytes, fedmpi_ms=1e3 * np.median(fed),
                               allreduce_ms=1e3 * np.median(inner), raw_ms=1e3 * np.median(plain))))
 
 
@@ -98,6 +112,7 @@ def main() -> None:
     c = sub.add_parser("comm")
     c.add_argument("--size", type=int, required=True, help="parameters P (the buffer holds P + trailer floats)")
     c.add_argument("--reps", type=int, default=30)
+    c.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the updates and main model live")
     s = sub.add_parser("scale")
     s.add_argument("--threads", type=int, required=True)
     s.add_argument("--data-file", required=True)
@@ -106,7 +121,7 @@ def main() -> None:
     s.add_argument("--chunk", type=int, default=0)
     args = p.parse_args()
     if args.part == "comm":
-        bench_comm(args.size, args.reps)
+        bench_comm(args.size, args.reps, args.device)
     else:
         bench_scale(args)
 
