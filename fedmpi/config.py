@@ -22,7 +22,7 @@ MODELS = ("2nn", "cnn")
 AGGREGATIONS = ("mean", "weighted")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("batched", "sequential")
-AUTOCASTS = ("off", "bf16")
+AUTOCASTS = ("none", "bf16")
 SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
@@ -58,7 +58,7 @@ class Config:
     max_dropped_fraction: float = 0.5  # stop with an error when more nodes than this diverge in a round
     engine: str = "batched"
     chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
-    autocast: str = "off"         # bf16: matmuls of local training in bfloat16 (weights, momentum stay float32)
+    autocast: str = "none"        # bf16: matmuls of local training in bfloat16 (weights, momentum stay float32)
     # Non-IID partitions (issue 6).
     alpha: float = 0.5              # dirichlet: concentration; smaller is more label skew
     shards_per_node: int = 2        # shards: label-sorted shards dealt to each node (McMahan: 2)

@@ -46,7 +46,7 @@ def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
 def compute_dtype(cfg) -> Optional[torch.dtype]:
     """Config key autocast: bfloat16 for local training's matmuls, or None (the data's own dtype).
     Weights and momentum keep their dtype either way."""
-    return torch.bfloat16 if getattr(cfg, "autocast", "off") == "bf16" else None
+    return torch.bfloat16 if getattr(cfg, "autocast", "none") == "bf16" else None
 
 
 def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,

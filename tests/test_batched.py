@@ -9,7 +9,7 @@ import threading
 import time
 
 from fedmpi.batched import BatchedEngine, make_engine, make_plan, mlp_layers, parallel_in_order, split_rows
-from fedmpi.config import Config
+from fedmpi.config import Config, load_config, parse_overrides
 from fedmpi.models import build_model
 from fedmpi.train import SequentialEngine, flatten
 
@@ -235,7 +235,12 @@ def test_bf16_autocast_acts_in_both_engines_and_stays_near_float32(model_name):
         assert 1e-3 < moved < 0.15, (engine_cls.__name__, moved)
 
 
-def test_autocast_key_is_checked():
-    assert Config(autocast="bf16").autocast == "bf16"
+def test_autocast_key_is_checked_and_its_values_survive_yaml(tmp_path):
+    assert Config().autocast == "none" and Config(autocast="bf16").autocast == "bf16"
     with pytest.raises(Exception, match="autocast"):
         Config(autocast="fp8")
+    # YAML 1.1 reads off/no as False: the values are none and bf16, which stay strings.
+    for value in ("none", "bf16"):
+        (tmp_path / "job.yaml").write_text(f"autocast: {value}\n")
+        assert load_config(str(tmp_path / "job.yaml")).autocast == value
+        assert load_config(None, parse_overrides([f"autocast={value}"])).autocast == value

@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2, help="the last round is timed (the first warms up)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--autocast", default="off", choices=("off", "bf16"))
+    p.add_argument("--autocast", default="none", choices=("none", "bf16"))
     p.add_argument("--threads", type=int, default=host_cores())
     args = p.parse_args()
     configure_torch(args.threads)
