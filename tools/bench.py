@@ -127,7 +127,7 @@ def train_part(args) -> dict:
             # CPU seconds of this process: with one thread, robust to other processes on the host.
             cpu[k].append(time.process_time() - c0)
             acc[k].append(accuracy_loss(model, mains[k], data[3], data[4])[0])
-            print(f"  round {rnd} {NAMES[k]:<18} {times[k][-1]:7.2f} s  test acc {acc[k][-1]:.4f}", flush=True)
+            print(f"  round {rnd} {NAMES[k]:<24} {times[k][-1]:7.2f} s  test acc {acc[k][-1]:.4f}", flush=True)
     chunk = BatchedEngine(model, *data[:3], 0, cfg).chunk
     return dict(times=times, cpu=cpu, acc=acc, cfg=cfg, path=path, model=model, chunk=chunk, shape=shape)
 
@@ -244,7 +244,7 @@ def report(res: dict, args, mem: dict, comm: list, scale: list) -> None:
         print(f"bf16 autocast: batched bf16 / batched fp32 {median_ratio(t['C'], t['D']):.2f}x (above 1: bf16 faster)")
     print("\ntest accuracy per round:")
     for k in t:
-        print(f"  {NAMES[k]:<18} " + " ".join(f"{a:.4f}" for a in res["acc"][k]))
+        print(f"  {NAMES[k]:<24} " + " ".join(f"{a:.4f}" for a in res["acc"][k]))
     spread = np.max(np.ptp(np.array([res["acc"][k] for k in "ABC"]), axis=0))
     print(f"  largest spread between the float32 contenders in a round: {spread:.4f}")
     if "D" in t:
@@ -267,7 +267,7 @@ def report(res: dict, args, mem: dict, comm: list, scale: list) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, --quick 2)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 2 local epochs, comm at -n 2/4: about 2 minutes")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FEDMPI_DATA", DEFAULT_DATA)))
@@ -278,7 +278,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="add contender D: the batched engine with autocast bf16")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     args.epochs = args.epochs or (2 if args.quick else 10)
     return args
 
@@ -294,7 +294,7 @@ def main() -> None:
     res = train_part(args)
     size = sum(p.numel() for p in res["model"].parameters())
     comm = [r for n in ((2, 4) if args.quick else (2, 4, 8, 16))
-            for r in run_mpi(n, ["comm", "--size", str(size), "--reps", "10" if args.quick else "30", "--device", args.device])]
+            for r in run_mpi(n, ["comm", "--size", str(size), "--reps", "20" if args.quick else "100", "--device", args.device])]
     common = ["--data-file", str(res["path"]), "--epochs", str(args.epochs), "--chunk", str(args.chunk),
               "--data-dir", str(args.data_dir)]
     # The scaling part shares out CPU cores; with one GPU there is nothing to share out.
