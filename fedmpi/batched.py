@@ -8,6 +8,8 @@ batches in an epoch skips the step entirely (no momentum decay, no parameter mov
 """
 from __future__ import annotations
 
+import copy
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -189,23 +191,31 @@ class VmapKernel:
         self.model, self.dtype = model, dtype
         self.names = [n for n, _ in model.named_parameters()]
         self.like = list(model.parameters())
+        self._local = threading.local()
 
-        def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            return (F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none") * w).sum()
+    def _grads(self):
+        """vmap(grad(loss)) over this thread's own copy of the model: functional_call swaps the
+        module's parameters while it runs, so two threads must never share one module."""
+        if not hasattr(self._local, "grads"):
+            model = copy.deepcopy(self.model)
 
-        self.grads = vmap(grad(loss))
+            def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return (F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none") * w).sum()
+
+            self._local.grads = vmap(grad(loss))
+        return self._local.grads
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0) -> torch.Tensor:
         """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place."""
-        K = mom.shape[0]
+        K, grads = mom.shape[0], self._grads()
         flat = main.expand(K, -1).clone()
         params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
                                        zip(views_k(flat, self.like), self.like)]))
         for s in range(plan.idx.shape[0]):
             idx = plan.idx[s]
             with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                g = self.grads(params, x[idx], y[idx], plan.weight[s])
+                g = grads(params, x[idx], y[idx], plan.weight[s])
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
             if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
                 g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))
@@ -257,7 +267,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 class BatchedEngine:
     """Trains this rank's nodes in chunks of at most K at once; same results as SequentialEngine.
 
-    On a CPU with T torch threads the chunks of an MLP run T at a time, each on its own thread with
+    On a CPU with T torch threads the chunks run T at a time, each on its own thread with
     single-threaded kernels: the kernels' own OpenMP split of small per-step ops costs more
     than it gains (measured: 15-20% faster on 2 cores). The same chunks give the same bits
     whatever T; T only evens out the chunk cut (split_rows), which moves results by rounding.
@@ -275,10 +285,7 @@ class BatchedEngine:
         self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype)
         chunk = getattr(cfg, "chunk_nodes", 0)
         self.chunk = chunk if chunk > 0 else (auto_chunk(model, x, cfg.batch_size, nodes) if len(x) else 1)
-        # functional_call swaps the shared module's parameters while it runs: the vmap path is
-        # not safe on several threads, the hand-written MLP path is (pure functions of its tensors).
-        parallel = x.device.type == "cpu" and isinstance(self.kernel, MLPKernel)
-        self.workers = torch.get_num_threads() if parallel else 1
+        self.workers = torch.get_num_threads() if x.device.type == "cpu" else 1
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
         """Yield trained chunks in node order, each node started from `main`; `rows` limits the nodes."""

@@ -171,29 +171,24 @@ def test_split_rows_cuts_near_equal_parts_in_order_a_multiple_of_the_workers():
     assert split_rows(np.array([], dtype=np.int64), 3, 2) == []
 
 
-def test_only_the_mlp_path_trains_chunks_on_several_threads():
-    x, y, offsets = shards(EQUAL)
-    torch.set_num_threads(2)
-    assert BatchedEngine(build_model("2nn", SHAPE, 10, 0), x, y, offsets, 0, config()).workers == 2
-    # functional_call swaps the module's parameters in place: not safe on two threads at once.
-    assert BatchedEngine(build_model("cnn", SHAPE, 10, 0), x, y, offsets, 0, config()).workers == 1
-
-
-def test_worker_threads_give_exactly_the_single_thread_result():
-    """Each chunk runs single-threaded on some worker: for the same chunks, the same bits.
+@pytest.mark.parametrize("model_name", ["2nn", "cnn"])
+def test_worker_threads_give_exactly_the_single_thread_result(model_name):
+    """Each chunk runs single-threaded on some worker: for the same chunks, the same bits. (The
+    cnn's vmap path gives every worker thread its own module copy: functional_call swaps the
+    module's parameters while it runs, so a shared one would mix the nodes of two chunks.)
 
     (6 nodes in chunks of 2 make 3 parts, a multiple of 3 workers; 4 sampled nodes in chunks of 1
     make 4 parts, a multiple of 2, so split_rows cuts them as for one worker.)"""
-    one, one_mom = run_rounds(BatchedEngine, "2nn", UNEQUAL, config(chunk=2), rounds=2)
+    one, one_mom = run_rounds(BatchedEngine, model_name, UNEQUAL, config(chunk=2), rounds=2)
     torch.set_num_threads(3)  # the engine takes its worker count from torch's threads
-    three, three_mom = run_rounds(BatchedEngine, "2nn", UNEQUAL, config(chunk=2), rounds=2)
+    three, three_mom = run_rounds(BatchedEngine, model_name, UNEQUAL, config(chunk=2), rounds=2)
     assert torch.get_num_threads() == 3  # restored after the parallel section
     assert torch.equal(three[-1], one[-1]) and torch.equal(three_mom, one_mom)
     rows = np.array([0, 2, 3, 5])
     torch.set_num_threads(1)
-    one_sub, _ = train_subset(BatchedEngine, "2nn", config(chunk=1), rows)
+    one_sub, _ = train_subset(BatchedEngine, model_name, config(chunk=1), rows)
     torch.set_num_threads(2)
-    assert torch.equal(train_subset(BatchedEngine, "2nn", config(chunk=1), rows)[0], one_sub)
+    assert torch.equal(train_subset(BatchedEngine, model_name, config(chunk=1), rows)[0], one_sub)
 
 
 def test_parallel_in_order_yields_in_order_on_several_threads_and_raises_a_workers_error():

@@ -23,15 +23,9 @@ from fedmpi.config import Config  # noqa: E402
 from fedmpi.device import configure_torch  # noqa: E402
 from fedmpi.models import build_model  # noqa: E402
 from fedmpi.partition import node_ranges  # noqa: E402
+from fedmpi.run import sync  # noqa: E402
 from fedmpi.shards import read_attrs, read_nodes  # noqa: E402
 from fedmpi.train import flatten  # noqa: E402
-
-
-def sync(device: torch.device) -> float:
-    """A wall-clock reading after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def slowest(comm, seconds: float) -> float:
