@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .train import Chunk, SequentialEngine, batch_generator, compute_dtype, flatten, views
+from .train import Chunk, SequentialEngine, batch_generator, compute_dtype, views_k
 
 # CPU working-set budget for one chunk (params + momentum + grads + activations). About the
 # size of the last-level cache: measured on a 2-core EPYC (32 MiB L3), K=16..32 was fastest for
@@ -227,15 +227,6 @@ class VmapKernel:
                 mom.mul_(torch.where(act > 0, m, 1.0).to(mom.dtype)).add_(g)
                 flat.addcmul_(mom, act, value=-lr)
         return flat
-
-
-def views_k(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Column blocks of a [K, P] matrix, one per parameter of `like` (no copy)."""
-    out, start = [], 0
-    for t in like:
-        out.append(flat[:, start:start + t.numel()])
-        start += t.numel()
-    return out
 
 
 def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int) -> int:

@@ -17,7 +17,7 @@ from .aggregate import UpdateSum, summed_update, trailer
 from .compress import payload_bytes
 from .config import Config, save_config
 from .errors import FedmpiError
-from .evaluate import accuracy_loss, per_node_accuracy
+from .evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
 from .rank import Rank, setup
 from .sampling import local_selection, select_nodes
@@ -59,16 +59,17 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.nda
         t_train += sync(st.device) - t0
         if chunk is None:
             return update, local_acc, dropped, t_train
-        ks = [n - st.first for n in chunk.nodes]
-        for row, (node, k) in enumerate(zip(chunk.nodes, ks)):
+        ks = np.array([n - st.first for n in chunk.nodes])
+        for row, node in enumerate(chunk.nodes):
             if faults.poison_node(node, rnd):
                 chunk.params[row] = float("nan")
-            a, b = int(loffsets[k]), int(loffsets[k + 1])
-            local_acc[k] = per_node_accuracy(st.model, chunk.params[row], lx[a:b], ly[a:b], np.array([0, b - a]))[0]
-        finite = torch.isfinite(chunk.params).all(dim=1)
+        local_acc[ks] = stacked_accuracy(st.model, chunk.params, lx, ly, loffsets[ks], loffsets[ks + 1] - loffsets[ks])
+        # A row with a NaN or an Inf sums to NaN or Inf (so would weights beyond ~1e33, diverged
+        # anyway): one pass over the chunk, no [k, P] boolean tensor.
+        finite = torch.isfinite(chunk.params.sum(dim=1))
         finite_host = finite.cpu().numpy()
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
-        update.add(chunk.params[finite], st.weights[np.array(ks)[finite_host]])
+        update.add(chunk.params[finite], st.weights[ks[finite_host]])
         progress(st, ks[-1] + 1)
 
 

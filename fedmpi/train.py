@@ -34,6 +34,15 @@ def views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def views_k(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Column blocks of a [K, P] matrix, one per parameter of `like` (no copy)."""
+    out, start = [], 0
+    for t in like:
+        out.append(flat[:, start:start + t.numel()])
+        start += t.numel()
+    return out
+
+
 def flatten(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 

@@ -249,7 +249,7 @@ def report(res: dict, args, mem: dict, comm: list, scale: list) -> None:
     print(f"  largest spread between the float32 contenders in a round: {spread:.4f}")
     if "D" in t:
         gap = np.array(res["acc"]["D"]) - np.array(res["acc"]["C"])
-        print(f"  bf16 autocast minus float32 (batched): " + " ".join(f"{g:+.4f}" for g in gap))
+        print("  bf16 autocast minus float32 (batched): " + " ".join(f"{g:+.4f}" for g in gap))
     if comm:
         print("\n## Aggregation step: fedmpi (pack + allreduce_sum + apply_update) vs raw mpi4py Allreduce, same buffer\n")
         print("| ranks | payload bytes | fedmpi ms | of which allreduce ms | raw Allreduce ms | fedmpi / raw |")
