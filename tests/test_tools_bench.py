@@ -1,10 +1,13 @@
 """The benchmark scripts still run: the MPI aggregation benchmark under real mpirun, the many-nodes round."""
 import json
 import os
+import re
 import subprocess
 import sys
 
-from conftest import ROOT, mpi_env, mpirun_path
+import pytest
+
+from conftest import MNIST_DIR, ROOT, mpi_env, mpirun_path
 
 
 def test_aggregation_benchmark_times_fedmpi_and_a_raw_allreduce_of_the_same_buffer_under_mpirun():
@@ -27,3 +30,18 @@ def test_many_nodes_benchmark_trains_a_round_in_worker_threads_and_stays_finite(
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["nodes"] == 12 and row["finite"] and row["workers"] == 2 and 1 <= row["chunk"] <= 12
     assert row["round_s"] > 0 and row["peak_rss_mib"] > 0
+
+
+@pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(), reason=f"no MNIST in {MNIST_DIR}")
+def test_the_benchmark_runs_end_to_end_with_one_command(tmp_path):
+    """`tools/bench.py` as the README runs it, shortened: every part prints its table."""
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--quick", "--rounds", "1", "--epochs", "1", "--bf16",
+           "--data-dir", str(MNIST_DIR), "--work", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **mpi_env()))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    for name in ("A: tutorial loop", "B: engine sequential", "C: engine batched", "D: batched, bf16 autocast"):
+        assert f"| {name} |" in out
+    assert re.search(r"batched / tutorial \d+\.\d\dx, batched / sequential \d+\.\d\dx", out)
+    assert re.search(r"^\| 2 \| 796,852 \|", out, re.M) and re.search(r"^\| 4 \| 796,852 \|", out, re.M)
+    assert "| 1 rank(s) x 2 thread(s) |" in out and "| 2 rank(s) x 1 thread(s) |" in out

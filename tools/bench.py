@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -283,6 +284,23 @@ def parse_args(argv=None):
     return args
 
 
+def mpi_parts(args, res: dict) -> tuple[list, list]:
+    """The aggregation and scaling rows, each from tools/bench_mpi.py under mpirun (none without an mpirun)."""
+    if not shutil.which(mpirun()):
+        print("\nno mpirun found: the aggregation and scaling parts are skipped (pip install -e '.[mpich]')")
+        return [], []
+    size = sum(p.numel() for p in res["model"].parameters())
+    reps = "20" if args.quick else "100"
+    comm = [r for n in ((2, 4) if args.quick else (2, 4, 8, 16))
+            for r in run_mpi(n, ["comm", "--size", str(size), "--reps", reps, "--device", args.device])]
+    common = ["--data-file", str(res["path"]), "--epochs", str(args.epochs), "--chunk", str(args.chunk),
+              "--data-dir", str(args.data_dir)]
+    # The scaling part shares out CPU cores; with one GPU there is nothing to share out.
+    scale = [] if args.device == "cuda" else \
+        [r for n, th in ((1, 2), (2, 1)) for r in run_mpi(n, ["scale", "--threads", str(th), *common])]
+    return comm, scale
+
+
 def main() -> None:
     args = parse_args()
     configure_torch(args.threads)
@@ -292,14 +310,7 @@ def main() -> None:
           f"load average at start {os.getloadavg()[0]:.1f} (other processes on the host skew absolute times)", flush=True)
     mem = probe_memory(args)  # before training: keeps this process small while the probes run
     res = train_part(args)
-    size = sum(p.numel() for p in res["model"].parameters())
-    comm = [r for n in ((2, 4) if args.quick else (2, 4, 8, 16))
-            for r in run_mpi(n, ["comm", "--size", str(size), "--reps", "20" if args.quick else "100", "--device", args.device])]
-    common = ["--data-file", str(res["path"]), "--epochs", str(args.epochs), "--chunk", str(args.chunk),
-              "--data-dir", str(args.data_dir)]
-    # The scaling part shares out CPU cores; with one GPU there is nothing to share out.
-    scale = [] if args.device == "cuda" else \
-        [r for n, th in ((1, 2), (2, 1)) for r in run_mpi(n, ["scale", "--threads", str(th), *common])]
+    comm, scale = mpi_parts(args, res)
     report(res, args, mem, comm, scale)
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
