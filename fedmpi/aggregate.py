@@ -31,8 +31,8 @@ class UpdateSum:
     The payload is float32 [P updates | weight, dropped, stop]. On a CPU the running sum lives in
     the payload itself, so `pack` only writes the trailer; on a GPU the sum stays on the device
     and `pack` copies it once into a pinned (page-locked) host payload, one DMA with no bounce
-    buffer. float32 sums of updates round at the update's scale (~1e-9 of a weight), far below
-    the weights' own last bit.
+    buffer. float32 sums of updates round at the update's own scale, far below the weights' last
+    bit.
     """
 
     def __init__(self, main: torch.Tensor) -> None:

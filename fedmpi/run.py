@@ -63,7 +63,8 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.nda
         for row, node in enumerate(chunk.nodes):
             if faults.poison_node(node, rnd):
                 chunk.params[row] = float("nan")
-        local_acc[ks] = stacked_accuracy(st.model, chunk.params, lx, ly, loffsets[ks], loffsets[ks + 1] - loffsets[ks])
+        starts, ends = loffsets[ks], loffsets[ks + 1]
+        local_acc[ks] = stacked_accuracy(st.model, chunk.params, lx, ly, starts, ends - starts)
         # A row with a NaN or an Inf sums to NaN or Inf (so would weights beyond ~1e33, diverged
         # anyway): one pass over the chunk, no [k, P] boolean tensor.
         finite = torch.isfinite(chunk.params.sum(dim=1))
