@@ -40,7 +40,7 @@ from fedmpi.shards import read_attrs, read_nodes, read_test  # noqa: E402
 from fedmpi.train import SequentialEngine, flatten, load_flat  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = Path("/work/shared/data/mnist")
+DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "mnist"  # ../shared beside the checkout
 NAMES = {"A": "tutorial loop", "B": "engine sequential", "C": "engine batched", "D": "batched, bf16 autocast"}
 
 

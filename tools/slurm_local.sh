@@ -31,7 +31,7 @@ install_if_missing() {
 
 write_conf() {
     mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/log"
-    # Why each line: see /work/shared/docs/hpc-facts.md (measured on a 2-core Debian 12 machine).
+    # Why each line: see ../shared/docs/hpc-facts.md (measured on a 2-core Debian 12 machine).
     cat >"$CONF" <<EOF
 ClusterName=fedmpi-local
 SlurmctldHost=$HOST(127.0.0.1)
