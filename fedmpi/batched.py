@@ -135,9 +135,9 @@ class MLPKernel:
         fd = xs.dtype
         cd = self.dtype or fd  # without autocast every .to() below is a no-op
         acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1).to(cd)]
+        weights = [params[2 * layer].to(cd) for layer in range(len(self.relu))]  # cast once, used twice
         for layer, relu in enumerate(self.relu):
-            w, b = params[2 * layer].to(cd), params[2 * layer + 1].to(cd)
-            z = torch.baddbmm(b.unsqueeze(1), acts[-1], w.transpose(1, 2))
+            z = torch.baddbmm(params[2 * layer + 1].to(cd).unsqueeze(1), acts[-1], weights[layer].transpose(1, 2))
             acts.append(z.relu_() if relu else z)
         # d(sum_i w_i CE_i)/d logits = w_i (softmax_i - onehot_i): each node's mean loss, padding weighted 0.
         g = torch.softmax(acts.pop().to(fd), dim=2)
@@ -158,7 +158,7 @@ class MLPKernel:
                 bufs[2 * layer].mul_(beta).add_(torch.bmm(g.to(cd).transpose(1, 2), a))
             bufs[2 * layer + 1].mul_(beta).add_(g.sum(1))
             if layer:  # through the ReLU: one fused op, no boolean mask tensor
-                back = torch.bmm(g.to(cd), params[2 * layer].to(cd))
+                back = torch.bmm(g.to(cd), weights[layer])
                 g = torch.ops.aten.threshold_backward(back, a, 0).to(fd)
 
     @staticmethod
