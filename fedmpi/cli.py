@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .comm import fail_job, install_excepthook, world
 from .config import load_config, parse_overrides
 from .errors import ConfigError, FedmpiError
+from .runtime.comm import fail_job, install_excepthook, world
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_prepare(cfg, args, comm) -> None:
-    from .prepare import describe, prepare
+    from .data.prepare import describe, prepare
 
     if comm.rank == 0:
         path = prepare(cfg, force=args.force)
@@ -52,8 +52,8 @@ def cmd_prepare(cfg, args, comm) -> None:
 
 
 def cmd_run(cfg, args, comm) -> None:
-    from .partition import node_ranges
-    from .prepare import check_matches
+    from .data.partition import node_ranges
+    from .data.prepare import check_matches
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
@@ -99,7 +99,7 @@ def resume_config(args) -> Optional[str]:
 
 
 def cmd_report(args, comm) -> None:
-    from .report import report
+    from .output.report import report
 
     if comm.rank == 0:  # a plain command; under mpirun the other ranks have nothing to do
         print(f"report: {report(args.run_dirs, args.out) / 'report.md'}")

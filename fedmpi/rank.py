@@ -8,17 +8,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import checkpoint, server
-from .aggregate import node_weights
-from .batched import make_engine
-from .central import central_baseline
 from .config import Config
-from .device import configure_torch, pick_device, pick_threads
-from .models import build_model
-from .partition import node_ranges
-from .prepare import check_matches, prepare
-from .shards import read_attrs, read_nodes, read_offsets, read_test
-from .train import flatten
+from .data.partition import node_ranges
+from .data.prepare import check_matches, prepare
+from .data.shards import read_attrs, read_nodes, read_offsets, read_test
+from .engine.batched import make_engine
+from .engine.central import central_baseline
+from .engine.models import build_model
+from .engine.train import flatten
+from .fl import server
+from .fl.aggregate import node_weights
+from .runtime import checkpoint
+from .runtime.device import configure_torch, pick_device, pick_threads
 
 
 @dataclass

@@ -12,17 +12,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, faults
-from .aggregate import UpdateSum, summed_update, trailer
-from .compress import payload_bytes
+from . import __version__
 from .config import Config, save_config
+from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
+from .engine.train import load_flat
 from .errors import FedmpiError
-from .evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
-from .metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
+from .fl.aggregate import UpdateSum, summed_update, trailer
+from .fl.compress import payload_bytes
+from .fl.sampling import local_selection, select_nodes
+from .output.metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
 from .rank import Rank, setup
-from .sampling import local_selection, select_nodes
-from .stop import StopFlag
-from .train import load_flat
+from .runtime import checkpoint, faults
+from .runtime.stop import StopFlag
 
 DIVERGED_EXIT_CODE = 3
 

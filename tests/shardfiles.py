@@ -8,8 +8,8 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from fedmpi.partition import offsets_of
-from fedmpi.shards import write_shards
+from fedmpi.data.partition import offsets_of
+from fedmpi.data.shards import write_shards
 
 
 def make_valid(path: Path, nodes: int = 4, per_node: int = 6, test_per_node: int = 2, classes: int = 3,

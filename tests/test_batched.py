@@ -1,17 +1,23 @@
 """The batched engine trains every node exactly as the sequential (reference) engine does."""
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-import threading
-import time
-
-from fedmpi.batched import BatchedEngine, make_engine, make_plan, mlp_layers, parallel_in_order, split_rows
 from fedmpi.config import Config, load_config, parse_overrides
-from fedmpi.models import build_model
-from fedmpi.train import SequentialEngine, flatten
+from fedmpi.engine.batched import (
+    BatchedEngine,
+    make_engine,
+    make_plan,
+    mlp_layers,
+    parallel_in_order,
+    split_rows,
+)
+from fedmpi.engine.models import build_model
+from fedmpi.engine.train import SequentialEngine, flatten
 
 # Unequal shards with batch 8: 37 and 13 end on a short batch, 64 has the most steps, 0 has none.
 UNEQUAL = [37, 50, 13, 64, 0, 8]

@@ -9,8 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from conftest import SMALL, fedmpi, mpirun_path, read_metrics, ROOT
+from conftest import ROOT, SMALL, fedmpi, mpirun_path, read_metrics
 
 ARGS = ["--set", *SMALL, "rounds=4", "checkpoint_every=1"]
 

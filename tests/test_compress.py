@@ -7,10 +7,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, mpi_env, mpirun_path
-from fedmpi.compress import (UNIT_ROUNDOFF, bf16_add_into, bytes_saved, decode, encode, f32_to_bf16, fp16_add_into,
-                             payload_bytes)
+
+from fedmpi.fl.compress import (
+    UNIT_ROUNDOFF,
+    bf16_add_into,
+    bytes_saved,
+    decode,
+    encode,
+    f32_to_bf16,
+    fp16_add_into,
+    payload_bytes,
+)
 
 
 def update_like(n=200_000, seed=0):
@@ -85,8 +93,8 @@ def test_payload_bytes_and_savings_for_the_2nn():
 SCRIPT = """
 import hashlib, json, numpy as np, torch
 from mpi4py import MPI
-from fedmpi.comm import reduction_for, world
-from fedmpi.compress import decode, encode
+from fedmpi.runtime.comm import reduction_for, world
+from fedmpi.fl.compress import decode, encode
 comm, r, out = world(), MPI.COMM_WORLD.rank, {}
 exact = torch.tensor([1.0, r + 0.5, -0.25 * r, 2.0 ** -10 * (r + 1)])  # every partial sum is exact in fp16 and bf16
 noisy = torch.from_numpy(np.random.default_rng(r).normal(0, 1e-3, 100_000).astype(np.float32))

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.evaluate import per_node_accuracy, stacked_accuracy
-from fedmpi.models import build_model
-from fedmpi.train import flatten
+from fedmpi.engine.evaluate import per_node_accuracy, stacked_accuracy
+from fedmpi.engine.models import build_model
+from fedmpi.engine.train import flatten
 
 SHAPE = (1, 12, 12)
 

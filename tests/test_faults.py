@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, SMALL, fedmpi, read_metrics
-from fedmpi import faults
-from fedmpi.errors import ConfigError
 from shardfiles import CORRUPTIONS, corrupted
+
+from fedmpi.errors import ConfigError
+from fedmpi.runtime import faults
 
 RANKS = [2, 4]
 FAST = [*SMALL, "central_epochs=0"]  # the baseline is not under test here
@@ -183,7 +183,7 @@ def test_raise_and_delay_fire_only_on_their_rank_and_round(monkeypatch):
 
 @pytest.mark.parametrize("kind,code", [("exit", 3), ("kill", -signal.SIGKILL)])
 def test_exit_and_kill_end_a_real_process(kind, code):
-    script = "from fedmpi import faults\nfaults.maybe_inject(0, 1)\nfaults.maybe_inject(2, 5)\nprint('survived')"
+    script = "from fedmpi.runtime import faults\nfaults.maybe_inject(0, 1)\nfaults.maybe_inject(2, 5)\nprint('survived')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env=dict(os.environ, FEDMPI_FAULT=f"{kind}:rank=2:round=5"))
     assert proc.returncode == code and "survived" not in proc.stdout

@@ -8,9 +8,14 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from fedmpi.metrics import MetricsWriter, summarize, write_atomic, write_nodes_csv
+
+from fedmpi.output.metrics import (
+    MetricsWriter,
+    summarize,
+    write_atomic,
+    write_nodes_csv,
+)
 
 # The writer process stalls half-way through a write and is SIGKILLed there: every open() for
 # writing is wrapped so that, in round KILL_AT, write() puts half its text on disk and then hangs.
@@ -35,7 +40,7 @@ def patched(file, mode="r", *args, **kwargs):
     return HalfThenHang(f) if set(mode) & set("wa") else f
 
 builtins.open = io.open = patched
-from fedmpi.metrics import MetricsWriter
+from fedmpi.output.metrics import MetricsWriter
 w = MetricsWriter(Path(sys.argv[1]))
 for rnd in range(1, 10_000):
     state["round"] = rnd

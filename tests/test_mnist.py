@@ -1,9 +1,9 @@
 """The tutorial's data on the real MNIST in ../shared/data/mnist (skipped, with the reason, when absent)."""
 import numpy as np
 import pytest
-
 from conftest import MNIST_DIR, fedmpi, read_metrics
-from fedmpi.shards import read_attrs, read_nodes
+
+from fedmpi.data.shards import read_attrs, read_nodes
 
 pytestmark = pytest.mark.skipif(not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
                                 reason=f"real MNIST not found in {MNIST_DIR}")

@@ -1,6 +1,6 @@
 import torch
 
-from fedmpi.models import build_model, count_params
+from fedmpi.engine.models import build_model, count_params
 
 
 def test_2nn_is_the_tutorials_784_200_200_10_mlp():

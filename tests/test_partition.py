@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from fedmpi.data.partition import balanced, iid, node_ranges, offsets_of
 from fedmpi.errors import ConfigError
-from fedmpi.partition import balanced, iid, node_ranges, offsets_of
 
 
 def labels(per_class: int, classes: int = 10, seed: int = 0) -> np.ndarray:

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from fedmpi.config import Config
+from fedmpi.data.partition import dirichlet, like_train, quantity, shards
+from fedmpi.data.prepare import expected_attrs, label_table, partition_options
 from fedmpi.errors import ConfigError
-from fedmpi.partition import dirichlet, like_train, quantity, shards
-from fedmpi.prepare import expected_attrs, label_table, partition_options
 
 
 def mnist_like(per_class: int = 6000, classes: int = 10, seed: int = 0) -> np.ndarray:
@@ -115,9 +115,9 @@ def test_label_table_has_one_row_per_node_and_a_summary():
 
 
 def test_prepared_shards_file_keeps_two_labels_per_node_and_refuses_other_params(tmp_path):
+    from fedmpi.data.prepare import check_matches, describe, prepare
+    from fedmpi.data.shards import read_nodes
     from fedmpi.errors import DataError
-    from fedmpi.prepare import check_matches, describe, prepare
-    from fedmpi.shards import read_nodes
 
     cfg = Config(dataset="synthetic", partition="shards", nodes=10, samples_per_node=40, test_per_node=10,
                  data_file=str(tmp_path / "s.h5"))

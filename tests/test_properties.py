@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from fedmpi.errors import ConfigError, DataError
-from fedmpi.partition import balanced, iid, node_ranges
-from fedmpi.shards import GROUPS, read_nodes, read_test
-from fedmpi.validate import validate_shards
 from shardfiles import make_valid
+
+from fedmpi.data.partition import balanced, iid, node_ranges
+from fedmpi.data.shards import GROUPS, read_nodes, read_test
+from fedmpi.data.validate import validate_shards
+from fedmpi.errors import ConfigError, DataError
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

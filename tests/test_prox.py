@@ -1,7 +1,7 @@
 """FedProx's gradient term, by hand and against autograd of the proximal loss."""
 import torch
 
-from fedmpi.prox import add_proximal_
+from fedmpi.engine.prox import add_proximal_
 
 
 def test_proximal_gradient_by_hand():

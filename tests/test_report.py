@@ -6,9 +6,9 @@ import sys
 
 import matplotlib.image as plt_image  # in the test extra: a missing matplotlib is a failure, not a skip
 import pytest
-
 from conftest import ROOT, SMALL, fedmpi, read_metrics
-from fedmpi.report import bytes_sent, cumulative, time_split
+
+from fedmpi.output.report import bytes_sent, cumulative, time_split
 
 
 def report(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import SMALL, assert_world, expected_mpi_library, fedmpi, read_metrics
 
 FIELDS = ["round", "test_acc", "test_loss", "central_acc", "t_round", "t_train_max", "t_train_mean", "t_wait",
@@ -134,7 +133,7 @@ def test_too_many_diverged_nodes_stop_the_job_and_keep_the_last_checkpoint(small
 
 def test_sampling_compression_and_a_server_optimizer_agree_across_rank_counts(small_data, tmp_path):
     """C=0.5 of the nodes per round, the update sent in fp16, FedAvgM on the server: -n 1 == -n 3."""
-    from fedmpi.sampling import select_nodes
+    from fedmpi.fl.sampling import select_nodes
 
     extra = ["fraction=0.5", "update_dtype=fp16", "server_opt=fedavgm", "server_momentum=0.5"]
     rows = {}

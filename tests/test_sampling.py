@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, mpirun_path
-from fedmpi.sampling import local_selection, sample_count, select_nodes
+
+from fedmpi.fl.sampling import local_selection, sample_count, select_nodes
 
 
 @pytest.mark.parametrize("nodes,fraction,want", [
@@ -51,8 +51,8 @@ def test_local_selection_keeps_the_ranks_own_block():
 SCRIPT = """
 import json, sys
 from mpi4py import MPI
-from fedmpi.partition import node_ranges
-from fedmpi.sampling import local_selection, select_nodes
+from fedmpi.data.partition import node_ranges
+from fedmpi.fl.sampling import local_selection, select_nodes
 comm = MPI.COMM_WORLD
 mine = node_ranges(20, comm.size)[comm.rank]
 rows = [local_selection(select_nodes(20, 0.3, 7, r), mine.start, mine.stop).tolist() for r in range(1, 6)]

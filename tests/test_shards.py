@@ -5,9 +5,15 @@ import h5py
 import numpy as np
 import pytest
 
+from fedmpi.data.partition import offsets_of
+from fedmpi.data.shards import (
+    FORMAT_VERSION,
+    read_attrs,
+    read_nodes,
+    read_test,
+    write_shards,
+)
 from fedmpi.errors import DataError
-from fedmpi.partition import offsets_of
-from fedmpi.shards import FORMAT_VERSION, read_attrs, read_nodes, read_test, write_shards
 
 
 def make_file(path, sizes=(3, 0, 5, 2)):

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, SMALL, assert_world, chosen_mpi, mpi_env, read_metrics
 
 TOOL = ROOT / "tools" / "slurm_local.sh"

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import MNIST_DIR, ROOT, mpi_env, mpirun_path
 
 

@@ -1,7 +1,7 @@
 import torch
 
-from fedmpi.models import build_model
-from fedmpi.train import batch_generator, flatten, load_flat, sgd_epochs, views
+from fedmpi.engine.models import build_model
+from fedmpi.engine.train import batch_generator, flatten, load_flat, sgd_epochs, views
 
 
 def data(n=45, seed=0):

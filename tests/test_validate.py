@@ -2,13 +2,13 @@
 import h5py
 import numpy as np
 import pytest
-
-from fedmpi import validate
-from fedmpi.config import Config
-from fedmpi.errors import DataError
-from fedmpi.prepare import check_matches
-from fedmpi.validate import validate_shards
 from shardfiles import CORRUPTIONS, corrupted, make_valid
+
+from fedmpi.config import Config
+from fedmpi.data import validate
+from fedmpi.data.prepare import check_matches
+from fedmpi.data.validate import validate_shards
+from fedmpi.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.aggregate import UpdateSum, apply_update  # noqa: E402
-from fedmpi.batched import BatchedEngine, mlp_layers  # noqa: E402
 from fedmpi.config import Config  # noqa: E402
-from fedmpi.device import configure_torch, host_cores  # noqa: E402
-from fedmpi.evaluate import accuracy_loss  # noqa: E402
-from fedmpi.models import build_model  # noqa: E402
-from fedmpi.prepare import prepare  # noqa: E402
-from fedmpi.shards import read_attrs, read_nodes, read_test  # noqa: E402
-from fedmpi.train import SequentialEngine, flatten, load_flat  # noqa: E402
+from fedmpi.data.prepare import prepare  # noqa: E402
+from fedmpi.data.shards import read_attrs, read_nodes, read_test  # noqa: E402
+from fedmpi.engine.batched import BatchedEngine, mlp_layers  # noqa: E402
+from fedmpi.engine.evaluate import accuracy_loss  # noqa: E402
+from fedmpi.engine.models import build_model  # noqa: E402
+from fedmpi.engine.train import SequentialEngine, flatten, load_flat  # noqa: E402
+from fedmpi.fl.aggregate import UpdateSum, apply_update  # noqa: E402
+from fedmpi.runtime.device import configure_torch, host_cores  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[1] / "shared" / "data" / "mnist"  # ../shared beside the checkout

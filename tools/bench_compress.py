@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from fedmpi.comm import reduction_for
-from fedmpi.compress import decode, encode, payload_bytes
+from fedmpi.fl.compress import decode, encode, payload_bytes
+from fedmpi.runtime.comm import reduction_for
 
 SIZES = {"2nn": 199_210, "cnn": 1_663_370}
 

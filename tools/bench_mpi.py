@@ -16,16 +16,16 @@ import torch
 from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.aggregate import TRAILER, UpdateSum, apply_update  # noqa: E402
-from fedmpi.batched import BatchedEngine  # noqa: E402
-from fedmpi.comm import world  # noqa: E402
 from fedmpi.config import Config  # noqa: E402
-from fedmpi.device import configure_torch  # noqa: E402
-from fedmpi.models import build_model  # noqa: E402
-from fedmpi.partition import node_ranges  # noqa: E402
+from fedmpi.data.partition import node_ranges  # noqa: E402
+from fedmpi.data.shards import read_attrs, read_nodes  # noqa: E402
+from fedmpi.engine.batched import BatchedEngine  # noqa: E402
+from fedmpi.engine.models import build_model  # noqa: E402
+from fedmpi.engine.train import flatten  # noqa: E402
+from fedmpi.fl.aggregate import TRAILER, UpdateSum, apply_update  # noqa: E402
 from fedmpi.run import sync  # noqa: E402
-from fedmpi.shards import read_attrs, read_nodes  # noqa: E402
-from fedmpi.train import flatten  # noqa: E402
+from fedmpi.runtime.comm import world  # noqa: E402
+from fedmpi.runtime.device import configure_torch  # noqa: E402
 
 
 def slowest(comm, seconds: float) -> float:

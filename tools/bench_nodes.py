@@ -18,14 +18,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedmpi.aggregate import UpdateSum, apply_update  # noqa: E402
-from fedmpi.batched import BatchedEngine  # noqa: E402
-from fedmpi.config import Config  # noqa: E402
-from fedmpi.device import configure_torch, host_cores  # noqa: E402
-from fedmpi.models import build_model  # noqa: E402
-from fedmpi.train import flatten  # noqa: E402
-
 from bench import peak_rss_mib, sync  # noqa: E402
+
+from fedmpi.config import Config  # noqa: E402
+from fedmpi.engine.batched import BatchedEngine  # noqa: E402
+from fedmpi.engine.models import build_model  # noqa: E402
+from fedmpi.engine.train import flatten  # noqa: E402
+from fedmpi.fl.aggregate import UpdateSum, apply_update  # noqa: E402
+from fedmpi.runtime.device import configure_torch, host_cores  # noqa: E402
 
 
 def one_round(engine: BatchedEngine, main: torch.Tensor, rnd: int) -> torch.Tensor:

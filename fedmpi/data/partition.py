@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def balanced(labels: np.ndarray, nodes: int, per_node: int, classes: int, seed: int,

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .aggregate import wire_bytes_estimate
+from ..fl.aggregate import wire_bytes_estimate
 
 
 def summarize(prefix: str, values: np.ndarray) -> dict[str, float]:

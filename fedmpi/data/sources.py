@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",

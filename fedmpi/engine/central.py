@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Config
+from ..config import Config
 from .evaluate import accuracy_loss
 from .models import build_model
 from .train import CENTRAL_STREAM, batch_generator, flatten, sgd_epochs, views

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 # The per-round time split: the stacked parts sum to the round's wall time on rank 0.
 TIME_PARTS = (("compute", "local training (mean over ranks)"), ("wait", "waiting for the slowest rank"),

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 FORMAT_VERSION = 1
 GROUPS = ("train", "local_test")

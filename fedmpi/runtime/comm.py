@@ -151,7 +151,9 @@ def reduction_for(MPI: Any, dtype: str, builtin: bool = True) -> tuple[Any, Any,
         return float16, MPI.SUM, float16.Get_name()
 
     def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
-        from .compress import fp16_add_into  # imported late: compress imports torch, slow to load
+        from ..fl.compress import (
+            fp16_add_into,  # imported late: compress imports torch, slow to load
+        )
         fp16_add_into(np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16))
 
     return MPI.UINT16_T, MPI.Op.Create(add, commute=True), "user op"
@@ -171,7 +173,9 @@ def bf16_reduction(MPI: Any, builtin: bool = True) -> tuple[Any, Any, str]:
             return MPI.Datatype.fromhandle(MPICH_BFLOAT16), MPI.SUM, "MPIX_BFLOAT16"
 
     def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
-        from .compress import bf16_add_into  # imported late: compress imports torch, slow to load
+        from ..fl.compress import (
+            bf16_add_into,  # imported late: compress imports torch, slow to load
+        )
         bf16_add_into(np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16))
 
     return MPI.UINT16_T, MPI.Op.Create(add, commute=True), "user op"

@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .shards import GROUPS, READ_ERRORS, open_shards
 
 LABEL_CHUNK = 1 << 20  # labels read per step: 8 MiB of int64

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def pick_device(setting: str, local_rank: int) -> torch.device:

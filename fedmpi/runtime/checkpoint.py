@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from .config import Config
-from .errors import FedmpiError
+from ..config import Config
+from ..errors import FedmpiError
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
 FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .errors import DataError
+from ..config import Config
+from ..errors import DataError
 from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import open_shards, read_attrs, write_shards
 from .sources import load_dataset

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 ENV = "FEDMPI_FAULT"
 RANK_KINDS = ("raise", "exit", "kill", "delay")

@@ -1,0 +1,1 @@
+"""Local training: models, the sequential and batched engines, evaluation, the centralized baseline."""

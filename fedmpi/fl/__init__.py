@@ -1,0 +1,1 @@
+"""Federated math, pure: node sampling, aggregation, compressed updates, server optimizers."""

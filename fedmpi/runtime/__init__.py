@@ -1,0 +1,1 @@
+"""The job around the math: MPI, devices, signals, faults, checkpoints."""
