@@ -59,11 +59,11 @@ class Config:
     engine: str = "batched"
     chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
     autocast: str = "none"        # bf16: matmuls of local training in bfloat16 (weights, momentum stay float32)
-    # Non-IID partitions (issue 6).
+    # Non-IID partitions.
     alpha: float = 0.5              # dirichlet: concentration; smaller is more label skew
     shards_per_node: int = 2        # shards: label-sorted shards dealt to each node (McMahan: 2)
     quantity_sigma: float = 1.0     # quantity: sigma of the lognormal node sizes; 0 is equal sizes
-    # Client sampling, server optimizer, FedProx, compressed updates (issue 6).
+    # Client sampling, server optimizer, FedProx, compressed updates.
     fraction: float = 1.0           # C: share of nodes that train in a round
     server_opt: str = "none"
     server_lr: Optional[float] = None   # null: SERVER_LR_DEFAULTS[server_opt], resolved below
@@ -103,7 +103,7 @@ class Config:
         self._check_federated()
 
     def _check_federated(self) -> None:
-        """The issue-6 keys: partitions, sampling, server optimizer, FedProx, update dtype."""
+        """The federated keys: partitions, sampling, server optimizer, FedProx, update dtype."""
         _check_choice("server_opt", self.server_opt, SERVER_OPTS)
         _check_choice("update_dtype", self.update_dtype, UPDATE_DTYPES)
         if self.server_lr is None:
@@ -135,8 +135,6 @@ class Config:
         picked = {k: getattr(self, k) for k in keys}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
-
-_TYPES = {"str": str, "int": int, "float": float, "Optional[str]": Optional[str]}
 
 
 def _coerce(name: str, type_name: Any, value: Any) -> Any:

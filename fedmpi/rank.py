@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -12,13 +12,15 @@ from .config import Config
 from .data.partition import node_ranges
 from .data.prepare import check_matches, prepare
 from .data.shards import read_attrs, read_nodes, read_offsets, read_test
-from .engine.batched import make_engine
+from .engine import Engine, make_engine
 from .engine.central import central_baseline
 from .engine.models import build_model
-from .engine.train import flatten
+from .engine.params import flatten
 from .fl import server
+from .fl.server import ServerOptimizer
 from .fl.aggregate import node_weights
 from .runtime import checkpoint
+from .runtime.comm import Comm
 from .runtime.device import configure_torch, pick_device, pick_threads
 
 
@@ -27,10 +29,10 @@ class Rank:
     """Everything one rank holds during a run."""
 
     cfg: Config
-    comm: Any
+    comm: Comm
     device: torch.device
     model: torch.nn.Module
-    engine: Any                   # SequentialEngine or BatchedEngine: train(main, rnd) -> chunks
+    engine: Engine                # SequentialEngine or BatchedEngine: train(main, rnd) -> chunks
     main: torch.Tensor            # the main model, flat; identical on every rank
     first: int                    # this rank's first node id
     samples: np.ndarray           # training samples per local node
@@ -41,10 +43,10 @@ class Rank:
     done_rounds: int = 0          # rounds finished before this process started (resume)
     rows: Optional[list] = None   # metrics rows so far, rank 0 only
     all_weights: Optional[np.ndarray] = None  # aggregation weight of every node (the round's total weight)
-    server: Any = None            # the server optimizer applied to the mean update
+    server: Optional[ServerOptimizer] = None  # the server optimizer applied to the mean update
 
     @property
-    def stop(self) -> int:
+    def end(self) -> int:
         """One past this rank's last node id."""
         return self.first + len(self.samples)
 

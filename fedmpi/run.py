@@ -1,4 +1,4 @@
-"""`fedmpi run`: the round loop (broadcast, train, allreduce, evaluate, record) and the run around it."""
+"""`fedmpi run`: the round loop (select, train, allreduce, evaluate, record) and the run around it."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ import torch
 from . import __version__
 from .config import Config, save_config
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
-from .engine.train import load_flat
+from .engine.params import load_flat
 from .errors import FedmpiError
 from .fl.aggregate import UpdateSum, summed_update, trailer
 from .fl.compress import payload_bytes
@@ -88,11 +88,11 @@ def drop_diverged(st: Rank, nodes: list[int], finite: np.ndarray, rnd: int) -> i
 def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     """One round on this rank; every rank calls the same collectives in the same order."""
     t0, cfg = time.perf_counter(), st.cfg
-    # 1. broadcast: nothing to send, every rank holds the main model after the last Allreduce,
-    #    and computes the round's node selection itself (seeded by round, not by rank).
+    # 1. select: no message; every rank holds the main model after the last Allreduce and
+    #    computes the round's node selection itself (seeded by round, not by rank).
     selected = select_nodes(cfg.nodes, cfg.fraction, cfg.seed, rnd)
     # 2. local training of this rank's selected nodes, starting from the main model.
-    update, local_acc, dropped, t_train = train_local(st, rnd, local_selection(selected, st.first, st.stop) - st.first)
+    update, local_acc, dropped, t_train = train_local(st, rnd, local_selection(selected, st.first, st.end) - st.first)
     faults.maybe_inject(st.comm.rank, rnd)
     # 3. one Allreduce, then the server optimizer's step along the mean update.
     buf, timing, dropped_total, stop_all = aggregate(st, rnd, update, dropped, stop.requested, selected)

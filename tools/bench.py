@@ -35,7 +35,8 @@ from fedmpi.data.shards import read_attrs, read_nodes, read_test  # noqa: E402
 from fedmpi.engine.batched import BatchedEngine, mlp_layers  # noqa: E402
 from fedmpi.engine.evaluate import accuracy_loss  # noqa: E402
 from fedmpi.engine.models import build_model  # noqa: E402
-from fedmpi.engine.train import SequentialEngine, flatten, load_flat  # noqa: E402
+from fedmpi.engine.params import flatten
+from fedmpi.engine.sequential import SequentialEngine, load_flat  # noqa: E402
 from fedmpi.fl.aggregate import UpdateSum, apply_update  # noqa: E402
 from fedmpi.runtime.device import configure_torch, host_cores  # noqa: E402
 

@@ -96,7 +96,7 @@ def shards(labels: np.ndarray, nodes: int, per_node: int, classes: int, seed: in
     The samples (a random subset when the dataset is larger) are sorted by label, ties in a
     seeded random order. The deal is random, then repaired by seeded swaps so that no node holds
     two shards of the same label where the labels allow it: McMahan's plain deal leaves about
-    one node in ten with a single digit, and the issue asks for two labels per node.
+    one node in ten with a single digit; here every node gets two labels where the data allow.
     """
     if per_node % shards_per_node:
         raise ConfigError(f"partition 'shards' needs samples_per_node ({per_node}) divisible by "

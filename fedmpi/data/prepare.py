@@ -30,7 +30,7 @@ def expected_attrs(cfg: Config) -> dict:
     """The attributes a shard file made from `cfg` carries; a run checks them before training."""
     attrs = {"dataset": cfg.dataset, "partition": cfg.partition, "seed": cfg.seed, "num_nodes": cfg.nodes,
              "samples_per_node": cfg.samples_per_node, "test_per_node": cfg.test_per_node}
-    # Only the chosen partition's keys: files of the IID partitions stay as they were before issue 6.
+    # Only the chosen partition's keys: files of the IID partitions carry none of the non-IID attributes.
     attrs.update({key: getattr(cfg, key) for key in PARTITION_KEYS.get(cfg.partition, {})})
     if cfg.partition in PARTITION_KEYS:
         attrs["local_test_scheme"] = local_test_scheme(cfg.partition)

@@ -1,1 +1,30 @@
 """Local training: models, the sequential and batched engines, evaluation, the centralized baseline."""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batched import BatchedEngine
+from .sequential import Chunk, SequentialEngine
+
+
+class Engine(Protocol):
+    """What the round loop asks of an engine (SequentialEngine, BatchedEngine)."""
+
+    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
+        """Train the local nodes `rows` (all when None) from `main`; yield them in node order."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Per-node state to checkpoint (momentum [nodes, P])."""
+
+
+ENGINES: dict[str, type] = {"sequential": SequentialEngine, "batched": BatchedEngine}
+
+
+def make_engine(cfg, model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: np.ndarray,
+                first_node: int) -> Engine:
+    """The engine named by cfg.engine."""
+    return ENGINES[cfg.engine](model, x, y, offsets, first_node, cfg)

@@ -15,7 +15,8 @@ import torch
 from ..config import Config
 from .evaluate import accuracy_loss
 from .models import build_model
-from .train import CENTRAL_STREAM, batch_generator, flatten, sgd_epochs, views
+from .params import flatten, views
+from .sequential import CENTRAL_STREAM, batch_generator, sgd_epochs
 
 CACHE_KEYS = ("model", "central_epochs", "lr", "momentum", "batch_size", "seed")
 

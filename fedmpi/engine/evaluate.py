@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .train import views, views_k
+from .params import views, views_k
 
 EVAL_BATCH = 2048
 

@@ -19,8 +19,6 @@ DTYPES = ("fp32", "fp16", "bf16")
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Unit roundoff: one encode moves a value by at most this relative amount (normal range).
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-# Smallest normal fp16; below it the absolute error is half the subnormal step, 2^-25.
-FP16_TINY, FP16_SUBNORMAL_HALF_STEP = 2.0 ** -14, 2.0 ** -25
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -6,11 +6,10 @@ mpi4py is not installed. Both offer the same small API, so the rest of fedmpi ne
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -28,6 +27,24 @@ class CollectiveTiming:
     """
 
     t_collective: float
+
+
+class Comm(Protocol):
+    """What the rest of fedmpi may ask of a communicator: MPIComm, or LocalComm without MPI."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+    def allreduce_sum(self, buf: np.ndarray, dtype: Optional[str] = None) -> CollectiveTiming: ...
+    def reduction_name(self, dtype: str) -> str: ...
+    def bcast(self, obj: Any) -> Any: ...
+    def gather(self, obj: Any) -> Optional[list]: ...
+    def allgather(self, obj: Any) -> list: ...
+    def barrier(self) -> None: ...
+    def abort(self, code: int) -> None: ...
+    def library_version(self) -> str: ...
 
 
 class LocalComm:
@@ -151,9 +168,7 @@ def reduction_for(MPI: Any, dtype: str, builtin: bool = True) -> tuple[Any, Any,
         return float16, MPI.SUM, float16.Get_name()
 
     def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
-        from ..fl.compress import (
-            fp16_add_into,  # imported late: compress imports torch, slow to load
-        )
+        from ..fl.compress import fp16_add_into  # imported late: compress imports torch, slow to load
         fp16_add_into(np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16))
 
     return MPI.UINT16_T, MPI.Op.Create(add, commute=True), "user op"
@@ -173,9 +188,7 @@ def bf16_reduction(MPI: Any, builtin: bool = True) -> tuple[Any, Any, str]:
             return MPI.Datatype.fromhandle(MPICH_BFLOAT16), MPI.SUM, "MPIX_BFLOAT16"
 
     def add(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
-        from ..fl.compress import (
-            bf16_add_into,  # imported late: compress imports torch, slow to load
-        )
+        from ..fl.compress import bf16_add_into  # imported late: compress imports torch, slow to load
         bf16_add_into(np.frombuffer(inbuf, np.uint16), np.frombuffer(inoutbuf, np.uint16))
 
     return MPI.UINT16_T, MPI.Op.Create(add, commute=True), "user op"
@@ -195,10 +208,6 @@ def world() -> Any:
         else:
             _WORLD = MPIComm(MPI)
     return _WORLD
-
-
-def hostname() -> str:
-    return socket.gethostname()
 
 
 def fail_job(message: str, code: int) -> None:

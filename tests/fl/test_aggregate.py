@@ -2,14 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.fl.aggregate import (
-    UpdateSum,
-    apply_update,
-    node_weights,
-    summed_update,
-    trailer,
-    wire_bytes_estimate,
-)
+from fedmpi.fl.aggregate import UpdateSum, apply_update, node_weights, summed_update, trailer, wire_bytes_estimate
 
 
 def test_node_weights():

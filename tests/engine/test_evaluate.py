@@ -5,7 +5,7 @@ import torch
 
 from fedmpi.engine.evaluate import per_node_accuracy, stacked_accuracy
 from fedmpi.engine.models import build_model
-from fedmpi.engine.train import flatten
+from fedmpi.engine.params import flatten
 
 SHAPE = (1, 12, 12)
 

@@ -3,13 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from fedmpi.data.sources import (
-    IDX_FILES,
-    find_idx_dir,
-    load_dataset,
-    read_idx,
-    synthetic,
-)
+from fedmpi.data.sources import IDX_FILES, find_idx_dir, load_dataset, read_idx, synthetic
 from fedmpi.errors import DataError
 
 

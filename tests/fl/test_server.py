@@ -3,14 +3,7 @@ import pytest
 import torch
 
 from fedmpi.config import Config
-from fedmpi.fl.server import (
-    FedAdam,
-    FedAvgM,
-    FedYogi,
-    ServerOptimizer,
-    from_config,
-    make_server_optimizer,
-)
+from fedmpi.fl.server import FedAdam, FedAvgM, FedYogi, ServerOptimizer, from_config, make_server_optimizer
 
 
 def t(*values):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-spec = importlib.util.spec_from_file_location("rounds_to_target", Path(__file__).parent.parent / "tools" / "rounds_to_target.py")
+spec = importlib.util.spec_from_file_location("rounds_to_target", Path(__file__).resolve().parents[2] / "tools" / "rounds_to_target.py")
 rtt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rtt)
 

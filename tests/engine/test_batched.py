@@ -8,16 +8,13 @@ import pytest
 import torch
 
 from fedmpi.config import Config, load_config, parse_overrides
-from fedmpi.engine.batched import (
-    BatchedEngine,
-    make_engine,
-    make_plan,
-    mlp_layers,
-    parallel_in_order,
-    split_rows,
-)
+from fedmpi.engine import make_engine
+from fedmpi.engine.batched import BatchedEngine, parallel_in_order, split_rows
+from fedmpi.engine.mlp import mlp_layers
 from fedmpi.engine.models import build_model
-from fedmpi.engine.train import SequentialEngine, flatten
+from fedmpi.engine.params import flatten
+from fedmpi.engine.plan import make_plan
+from fedmpi.engine.sequential import SequentialEngine
 
 # Unequal shards with batch 8: 37 and 13 end on a short batch, 64 has the most steps, 0 has none.
 UNEQUAL = [37, 50, 13, 64, 0, 8]

@@ -1,7 +1,8 @@
 import torch
 
 from fedmpi.engine.models import build_model
-from fedmpi.engine.train import batch_generator, flatten, load_flat, sgd_epochs, views
+from fedmpi.engine.params import flatten, load_flat, views
+from fedmpi.engine.sequential import batch_generator, sgd_epochs
 
 
 def data(n=45, seed=0):

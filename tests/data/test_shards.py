@@ -6,13 +6,7 @@ import numpy as np
 import pytest
 
 from fedmpi.data.partition import offsets_of
-from fedmpi.data.shards import (
-    FORMAT_VERSION,
-    read_attrs,
-    read_nodes,
-    read_test,
-    write_shards,
-)
+from fedmpi.data.shards import FORMAT_VERSION, read_attrs, read_nodes, read_test, write_shards
 from fedmpi.errors import DataError
 
 

@@ -1,4 +1,4 @@
-"""Local training: plain SGD with momentum over one node's shard, and the per-rank engine.
+"""Local training: plain SGD with momentum over one node's shard, and the sequential engine.
 
 The math is torch.optim.SGD's (buf = m*buf + g; p -= lr*buf; the first step's buf is g),
 written with foreach ops on the node's own momentum buffer so a node's state survives
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .params import flatten, load_flat, views
 from .prox import add_proximal_
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
@@ -23,33 +24,6 @@ def batch_generator(seed: int, node: int, rnd: int, stream: int = 0) -> torch.Ge
     """Batch order depends on (seed, node, round) only, never on the rank: same run at any -n."""
     state = np.random.SeedSequence([seed, stream, node, rnd]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Views into a flat vector shaped like `like` (no copy)."""
-    out, start = [], 0
-    for t in like:
-        out.append(flat[start:start + t.numel()].view_as(t))
-        start += t.numel()
-    return out
-
-
-def views_k(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Column blocks of a [K, P] matrix, one per parameter of `like` (no copy)."""
-    out, start = [], 0
-    for t in like:
-        out.append(flat[:, start:start + t.numel()])
-        start += t.numel()
-    return out
-
-
-def flatten(params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params])
-
-
-@torch.no_grad()
-def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    torch._foreach_copy_(params, views(flat, params))
 
 
 def compute_dtype(cfg) -> Optional[torch.dtype]:

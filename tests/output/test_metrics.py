@@ -10,12 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from fedmpi.output.metrics import (
-    MetricsWriter,
-    summarize,
-    write_atomic,
-    write_nodes_csv,
-)
+from fedmpi.output.metrics import MetricsWriter, summarize, write_atomic, write_nodes_csv
 
 # The writer process stalls half-way through a write and is SIGKILLed there: every open() for
 # writing is wrapped so that, in round KILL_AT, write() puts half its text on disk and then hangs.

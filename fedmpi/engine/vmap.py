@@ -1,0 +1,62 @@
+"""The batched engine's path for any model: per-node gradients by vmap(grad(functional_call))."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .params import views_k
+from .plan import Plan
+
+
+class VmapKernel:
+    """Any model: per-node gradients by vmap(grad(functional_call)) over stacked parameters.
+
+    vmap turns each conv of the cnn into one grouped convolution over the K nodes; the update
+    then runs on the whole [K, P] matrices (two passes over memory per step).
+    """
+
+    def __init__(self, model: nn.Module, dtype=None) -> None:
+        self.model, self.dtype = model, dtype
+        self.names = [n for n, _ in model.named_parameters()]
+        self.like = list(model.parameters())
+        self._local = threading.local()
+
+    def _grads(self):
+        """vmap(grad(loss)) over this thread's own copy of the model: functional_call swaps the
+        module's parameters while it runs, so two threads must never share one module."""
+        if not hasattr(self._local, "grads"):
+            model = copy.deepcopy(self.model)
+
+            def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return (F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none") * w).sum()
+
+            self._local.grads = vmap(grad(loss))
+        return self._local.grads
+
+    def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+            plan: Plan, lr: float, m: float, mu: float = 0.0) -> torch.Tensor:
+        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place."""
+        K, grads = mom.shape[0], self._grads()
+        flat = main.expand(K, -1).clone()
+        params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
+                                       zip(views_k(flat, self.like), self.like)]))
+        for s in range(plan.idx.shape[0]):
+            idx = plan.idx[s]
+            with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                g = grads(params, x[idx], y[idx], plan.weight[s])
+            g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
+            if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
+                g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))
+            if plan.full[s]:
+                mom.mul_(m).add_(g)
+                flat.add_(mom, alpha=-lr)
+            else:
+                act = plan.active[s].unsqueeze(1)
+                mom.mul_(torch.where(act > 0, m, 1.0).to(mom.dtype)).add_(g)
+                flat.addcmul_(mom, act, value=-lr)
+        return flat
