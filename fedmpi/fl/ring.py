@@ -1,8 +1,8 @@
 """Fixed-point updates in the integer ring Z_{2^b} that secure aggregation sums (b = 64 or 32).
 
 Each node's clipped update is quantized on its own, q_k = round(2^f * Delta_k), saturated at
-+-Q with Q = floor(2^f S) + 1 (S the clip), and stored modulo 2^b; ranks and the Allreduce add
-q's modulo 2^b. Integer addition is exact and associative, so the ring sum, and the decoded
++-Q with Q <= floor(2^f S) + 1 (S the clip; Q the largest float32 there), and stored modulo 2^b;
+ranks and the Allreduce add q's modulo 2^b. Integer addition is exact and associative, so the ring sum, and the decoded
 update, are the same bits at any rank count and in any order of summation (unlike a float sum).
 
 The scale 2^f is a power of two: x * 2^f is exact in floating point, so quantization is the same
@@ -69,19 +69,29 @@ class FixedPoint:
 
     @property
     def saturation(self) -> int:
-        """Q = floor(2^f clip) + 1: the largest |q| one node contributes."""
-        return math.floor(self.clip * 2.0 ** self.frac_bits) + 1
+        """Q: the largest |q| one node contributes, the largest float32 <= floor(2^f clip) + 1.
+
+        A float32 value, so that float32 and float64 rows saturate alike; no float32 value inside
+        the clip reaches past it.
+        """
+        return int(_float_at_most(math.floor(self.clip * 2.0 ** self.frac_bits) + 1, torch.float32))
 
     def error_bound(self, nodes: int) -> float:
         """Largest error per coordinate of a decoded sum of `nodes` updates inside the clip: nodes * 2^-(f+1)."""
         return nodes * 2.0 ** -(self.frac_bits + 1)
 
     def quantize(self, rows: torch.Tensor) -> torch.Tensor:
-        """q_k = clamp(round(2^f Delta_k), -Q, Q) as int64 [k, P] on the rows' device (non-finite -> 0 or +-Q)."""
-        q_max = _float_at_most(self.saturation)
-        scaled = rows.double() * 2.0 ** self.frac_bits  # exact: a power-of-two scale
-        scaled = torch.nan_to_num(scaled, nan=0.0, posinf=q_max, neginf=-q_max)
-        return torch.round(scaled).clamp_(-q_max, q_max).to(torch.int64)
+        """q_k = clamp(round(2^f Delta_k), -Q, Q) as int64 [k, P] on the rows' device (non-finite -> 0 or +-Q).
+
+        Computed in float32 for float32 (or half) rows: a power-of-two scale is exact in any binary
+        float format, as is rounding the product, so float64 would give the same integers at twice
+        the memory traffic; half types are widened first (2^f S overflows them).
+        """
+        work = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        q_max = float(self.saturation)  # exact in both work types
+        scaled = rows.to(work) * 2.0 ** self.frac_bits  # a new tensor: the in-place steps below may write it
+        torch.nan_to_num_(scaled, nan=0.0, posinf=q_max, neginf=-q_max)
+        return torch.round_(scaled).clamp_(-q_max, q_max).to(torch.int64)
 
     def add_rows(self, acc: np.ndarray, rows: torch.Tensor) -> None:
         """acc += sum_k q_k (mod 2^bits), in place: acc a ring array [P], rows [k, P] clipped updates."""
@@ -101,10 +111,12 @@ class FixedPoint:
         return from_ring(ring_sum, self.bits).astype(np.float64) * 2.0 ** -self.frac_bits
 
 
-def _float_at_most(n: int) -> float:
-    """The largest float64 <= n (float(n) alone may round up, past the overflow bound)."""
-    x = float(n)
-    return x if int(x) <= n else math.nextafter(x, 0.0)
+def _float_at_most(n: int, dtype: torch.dtype) -> float:
+    """The largest value of float `dtype` <= n (converting n alone may round up, past the overflow bound)."""
+    x = torch.tensor(float(n), dtype=torch.float64).to(dtype)
+    while int(x.item()) > n:
+        x = torch.nextafter(x, torch.zeros_like(x))
+    return float(x.item())
 
 
 def to_ring(values: np.ndarray | Sequence[int], bits: int = 64) -> np.ndarray:

@@ -22,6 +22,9 @@ def test_the_scale_is_the_finest_power_of_two_that_keeps_the_worst_sum_inside_th
     fp = FixedPoint(clip, max_nodes, bits)
     limit = 2 ** (bits - 1) - 1
     assert max_nodes * fp.saturation <= limit
+    c32 = np.float32(clip)
+    c32 = float(c32 if float(c32) <= clip else np.nextafter(c32, np.float32(0)))  # the largest float32 <= clip
+    assert fp.saturation >= c32 * 2.0 ** fp.frac_bits  # no float32 inside the clip saturates
     assert max_nodes * (math.floor(clip * 2.0 ** (fp.frac_bits + 1)) + 1) > limit
 
 
@@ -73,9 +76,12 @@ def test_the_ring_sum_is_the_same_bits_for_any_split_of_the_nodes_over_ranks_and
 
 def test_values_past_the_clip_and_non_finite_values_saturate_instead_of_breaking_the_bound():
     fp = FixedPoint(clip=1.0, max_nodes=4, bits=32)
+    at_clip = int(fp.quantize(torch.tensor([[1.0]]))[0, 0])
+    assert at_clip == 2 ** fp.frac_bits <= fp.saturation  # the clip itself is inside the bound
     rows = torch.tensor([[1.0 + 1e-6, -5.0, float("inf"), float("-inf"), float("nan")]])
-    q = fp.quantize(rows)
-    assert q.tolist() == [[fp.saturation, -fp.saturation, fp.saturation, -fp.saturation, 0]]
+    q_max = fp.saturation
+    assert fp.quantize(rows)[0].tolist() == [q_max, -q_max, q_max, -q_max, 0]
+    assert torch.equal(fp.quantize(rows.double()), fp.quantize(rows))  # float32 and float64 paths agree
 
 
 def test_quantization_of_a_float32_update_is_exact_in_the_64_bit_ring_for_values_above_its_resolution():
