@@ -29,9 +29,22 @@ from typing import Optional
 import numpy as np
 import torch
 
-# Seed streams, apart from partition (1, 2, 4-7), sampling (3) and the data source (7919).
+# Seed streams, apart from partition (1, 2, 4-7), fixed sampling (3) and the data source (7919).
 UPDATE_NOISE_STREAM = 11
 COUNT_NOISE_STREAM = 12
+POISSON_STREAM = 13
+
+
+def poisson_selection(num_nodes: int, fraction: float, seed: int, rnd: int) -> np.ndarray:
+    """Sorted ids of the nodes in round `rnd`, each in independently with probability q (seeded by round only).
+
+    The sampling that PoissonSampledDpEvent accounts (McMahan et al. 2018, Alg. 1: C^t with
+    probability q per user); the round may be empty, and its size is itself private.
+    """
+    if num_nodes < 1 or not 0 < fraction <= 1:
+        raise ValueError(f"poisson_selection needs num_nodes >= 1 and 0 < fraction <= 1, got {num_nodes}, {fraction}")
+    draws = np.random.default_rng([seed, POISSON_STREAM, rnd]).random(num_nodes)
+    return np.flatnonzero(draws < fraction).astype(np.int64)
 
 
 @dataclass(frozen=True)

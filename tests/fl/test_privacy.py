@@ -18,6 +18,7 @@ from fedmpi.fl.privacy import (
     next_clip,
     noised_mean,
     noised_unclipped_fraction,
+    poisson_selection,
     server_round,
 )
 
@@ -141,3 +142,19 @@ def test_server_round_with_adaptive_clipping_reports_the_clip_used_and_the_next_
     fixed = server_round(summed, 1.0, 1.2, 10, seed=1, rnd=1)
     assert fixed.next_clip == 1.0 and fixed.unclipped_fraction is None and math.isclose(fixed.noise_stddev, 1.2)
     assert torch.equal(fixed.mean, gaussian_noise(5, 1.2, 1, 1) / 10)
+
+
+def test_poisson_selection_takes_each_node_independently_with_probability_q_seeded_by_round_only():
+    rounds = [poisson_selection(200, 0.1, seed=4, rnd=r) for r in range(1, 2001)]
+    assert np.array_equal(rounds[0], poisson_selection(200, 0.1, seed=4, rnd=1))
+    assert all(np.all(np.diff(r) > 0) and (len(r) == 0 or (r[0] >= 0 and r[-1] < 200)) for r in rounds)
+    counts = np.zeros(200)
+    for r in rounds:
+        counts[r] += 1
+    assert abs(counts.mean() / 2000 - 0.1) < 0.003 and counts.min() > 140 and counts.max() < 270  # ~ Bin(2000, 0.1)
+    sizes = np.array([len(r) for r in rounds])
+    assert len(set(sizes.tolist())) > 10 and abs(sizes.var() - 200 * 0.1 * 0.9) < 3  # the size is random: Bin(200, q)
+    assert len(poisson_selection(5, 1.0, 1, 1)) == 5
+    assert any(len(poisson_selection(3, 0.01, 1, r)) == 0 for r in range(1, 50))  # an empty round can happen
+    with pytest.raises(ValueError, match="fraction"):
+        poisson_selection(10, 0.0, 1, 1)
