@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 RINGS = {32: (np.uint32, np.int32), 64: (np.uint64, np.int64)}
+BLOCK_VALUES = 1 << 18  # values quantized per step in add_rows
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,15 @@ class FixedPoint:
                              f"{acc.shape}")
         if rows.dim() != 2 or rows.shape[0] > self.max_nodes:
             raise ValueError(f"rows must be [k <= {self.max_nodes}, P], got {tuple(rows.shape)}")
-        # k <= max_nodes rows of |q| <= Q sum exactly in int64 (the overflow bound); the ring sum wraps.
-        chunk = self.quantize(rows).sum(dim=0).cpu().numpy()
-        np.add(acc, to_ring(chunk, self.bits), out=acc)
+        # Column blocks of ~2^18 values keep the temporaries small and reused (one large allocation
+        # per step costs a page fault per 4 KiB). k <= max_nodes rows of |q| <= Q sum exactly in
+        # int64 (the overflow bound); the ring sum wraps.
+        width = max(1024, BLOCK_VALUES // max(1, rows.shape[0]))
+        for start in range(0, rows.shape[1], width):
+            q = self.quantize(rows[:, start:start + width])
+            block = (q[0] if q.shape[0] == 1 else q.sum(dim=0)).cpu().numpy()
+            part = acc[start:start + width]
+            np.add(part, to_ring(block, self.bits), out=part)
 
     def decode(self, ring_sum: np.ndarray, nodes: int) -> np.ndarray:
         """sum_k Delta_k (float64) from the ring sum of `nodes` nodes' q_k; refuses more nodes than max_nodes."""

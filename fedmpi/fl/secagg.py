@@ -23,12 +23,12 @@ stream, far above any model.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 PUBLIC_KEY_BYTES = 32
@@ -71,29 +71,37 @@ def check_public_keys(public_keys: Sequence[bytes], rank: int, size: int, own: b
         raise ValueError("secure aggregation: two ranks announced the same public key")
 
 
-def keystream_into(key: bytes, rnd: int, out: np.ndarray) -> np.ndarray:
-    """Fill `out` (any dtype, C-contiguous) with ChaCha20(key, nonce = round) keystream bytes; returns out."""
+def _encryptor(key: bytes, rnd: int, nbytes: int) -> CipherContext:
+    """ChaCha20 with key k_ij and nonce = round; its encryption of zeros is the keystream PRG(k_ij, r)."""
     if not 0 <= rnd < 1 << 64:
         raise ValueError(f"round {rnd} outside [0, 2^64)")
-    if out.nbytes > MAX_STREAM_BYTES:
-        raise ValueError(f"mask of {out.nbytes} bytes exceeds one ChaCha20 stream ({MAX_STREAM_BYTES} bytes)")
+    if nbytes > MAX_STREAM_BYTES:
+        raise ValueError(f"mask of {nbytes} bytes exceeds one ChaCha20 stream ({MAX_STREAM_BYTES} bytes)")
     # cryptography's 16-byte ChaCha20 nonce: 4-byte little-endian block counter, then the 96-bit nonce.
     nonce = (0).to_bytes(4, "little") + rnd.to_bytes(8, "little") + bytes(4)
-    encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
-    view = memoryview(out).cast("B")
-    encryptor.update_into(_zeros(out.nbytes), view)
+    return Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+
+def keystream_into(key: bytes, rnd: int, out: np.ndarray) -> np.ndarray:
+    """Fill `out` (any dtype, C-contiguous) with the keystream PRG(key, rnd); returns out."""
+    _encryptor(key, rnd, out.nbytes).update_into(bytes(out.nbytes), memoryview(out).cast("B"))
     return out
 
 
-_ZEROS: dict[int, bytes] = {}
+CHUNK_BYTES = 1 << 18  # masks are made and added in cache-sized pieces: one pass over the buffer per peer
+_ZEROS = bytes(CHUNK_BYTES)
 
 
-def _zeros(nbytes: int) -> bytes:
-    """A cached all-zero plaintext: the keystream is ChaCha20's encryption of zeros."""
-    if nbytes not in _ZEROS:
-        _ZEROS.clear()  # one mask size per job: keep one buffer
-        _ZEROS[nbytes] = bytes(nbytes)
-    return _ZEROS[nbytes]
+def add_keystream(buf: np.ndarray, key: bytes, rnd: int, subtract: bool = False) -> None:
+    """buf +/-= PRG(key, rnd) modulo 2^b, in place, a cache-sized chunk of keystream at a time."""
+    encryptor = _encryptor(key, rnd, buf.nbytes)
+    op = np.subtract if subtract else np.add  # unsigned arithmetic: wraps modulo 2^b
+    scratch = np.empty(CHUNK_BYTES // buf.itemsize, dtype=buf.dtype)
+    raw = memoryview(scratch).cast("B")
+    for start in range(0, buf.size, scratch.size):
+        part = buf[start:start + scratch.size]
+        encryptor.update_into(_ZEROS[:part.nbytes], raw[:part.nbytes])  # the stream continues across chunks
+        op(part, scratch[:part.size], out=part)
 
 
 class PairwiseMasks:
@@ -103,7 +111,6 @@ class PairwiseMasks:
         if sorted(pair_keys) != [j for j in range(size) if j != rank]:
             raise ValueError(f"rank {rank} of {size} needs one pair key per other rank, got {sorted(pair_keys)}")
         self.rank, self.size, self._keys = rank, size, dict(pair_keys)
-        self._scratch: Optional[np.ndarray] = None
 
     @classmethod
     def from_private_key(cls, rank: int, private: X25519PrivateKey, public_keys: Sequence[bytes]) -> PairwiseMasks:
@@ -132,11 +139,8 @@ class PairwiseMasks:
         """
         if buf.dtype not in (np.uint32, np.uint64) or buf.ndim != 1 or not buf.flags.c_contiguous:
             raise ValueError(f"masks need a contiguous 1-D uint32 or uint64 buffer, got {buf.dtype} {buf.shape}")
-        if self._scratch is None or self._scratch.dtype != buf.dtype or self._scratch.size != buf.size:
-            self._scratch = np.empty_like(buf)
         for peer, key in self._keys.items():
-            stream = keystream_into(key, rnd, self._scratch)
-            (np.add if peer > self.rank else np.subtract)(buf, stream, out=buf)  # unsigned: wraps mod 2^b
+            add_keystream(buf, key, rnd, subtract=peer < self.rank)
         return buf
 
     def mask(self, rnd: int, length: int, dtype: type = np.uint64) -> np.ndarray:

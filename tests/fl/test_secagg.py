@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from scipy import stats
 
 from fedmpi.fl.ring import FixedPoint
-from fedmpi.fl.secagg import PairwiseMasks, keystream_into, pair_key, public_bytes
+from fedmpi.fl.secagg import CHUNK_BYTES, PairwiseMasks, add_keystream, keystream_into, pair_key, public_bytes
 
 
 def private_keys(n: int, tag: str = "party") -> list:
@@ -39,6 +39,18 @@ def test_chacha20_keystream_is_rfc_8439s_for_the_zero_key_and_round_zero():
     out = keystream_into(bytes(32), 0, np.zeros(8, np.uint8))
     assert out.tobytes().hex() == "76b8e0ada0f13d90"
     assert keystream_into(bytes(32), 1, np.zeros(8, np.uint8)).tobytes() != out.tobytes()
+
+
+def test_masks_added_chunk_by_chunk_are_the_whole_keystream():
+    key = hashlib.sha256(b"k").digest()
+    for dtype in (np.uint64, np.uint32):
+        n = 3 * CHUNK_BYTES // np.dtype(dtype).itemsize + 5  # several chunks and a ragged end
+        whole = keystream_into(key, 9, np.zeros(n, dtype))
+        buf = np.arange(n, dtype=dtype)
+        add_keystream(buf, key, 9)
+        assert np.array_equal(buf, np.arange(n, dtype=dtype) + whole)
+        add_keystream(buf, key, 9, subtract=True)
+        assert np.array_equal(buf, np.arange(n, dtype=dtype))
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
