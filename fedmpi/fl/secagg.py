@@ -23,6 +23,7 @@ stream, far above any model.
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Callable, Sequence
 
 import numpy as np
@@ -73,6 +74,7 @@ def check_public_keys(public_keys: Sequence[bytes], rank: int, size: int, own: b
 
 def _encryptor(key: bytes, rnd: int, nbytes: int) -> CipherContext:
     """ChaCha20 with key k_ij and nonce = round; its encryption of zeros is the keystream PRG(k_ij, r)."""
+    rnd = operator.index(rnd)  # any integer type (numpy's too), never a float
     if not 0 <= rnd < 1 << 64:
         raise ValueError(f"round {rnd} outside [0, 2^64)")
     if nbytes > MAX_STREAM_BYTES:

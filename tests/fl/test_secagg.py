@@ -39,6 +39,12 @@ def test_chacha20_keystream_is_rfc_8439s_for_the_zero_key_and_round_zero():
     out = keystream_into(bytes(32), 0, np.zeros(8, np.uint8))
     assert out.tobytes().hex() == "76b8e0ada0f13d90"
     assert keystream_into(bytes(32), 1, np.zeros(8, np.uint8)).tobytes() != out.tobytes()
+    assert keystream_into(bytes(32), np.int64(0), np.zeros(8, np.uint8)).tobytes() == out.tobytes()
+    for bad in (-1, 2 ** 64):
+        with pytest.raises(ValueError, match="outside"):
+            keystream_into(bytes(32), bad, np.zeros(8, np.uint8))
+    with pytest.raises(TypeError):
+        keystream_into(bytes(32), 1.0, np.zeros(8, np.uint8))
 
 
 def test_masks_added_chunk_by_chunk_are_the_whole_keystream():
