@@ -11,7 +11,7 @@ result is divided by the expected number of nodes per round W = qN (a fixed deno
 real number of participants is itself private under Poisson sampling).
 
 Adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive clipping",
-Algorithm 1 and eq. 3): each node also reports b_k = 1[||Delta_k|| <= S]; the server releases the
+Sec. 2 and Alg. 1): each node also reports b_k = 1[||Delta_k|| <= S]; the server releases the
 noised fraction b~ = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / W + 1/2 (centring the indicators
 halves the count's sensitivity, as TF Privacy's quantile estimator does) and moves the clip
 geometrically, S <- S * exp(-eta_C (b~ - gamma)), which is online gradient descent on the
@@ -133,7 +133,7 @@ def noised_unclipped_fraction(unclipped: int, participants: int, expected_nodes:
 
 
 def next_clip(clip: float, unclipped_fraction: float, target_quantile: float, clip_lr: float) -> float:
-    """S <- S exp(-eta_C (b~ - gamma)): the geometric clip update of Andrew et al. 2021 (eq. 3, Alg. 1)."""
+    """S <- S exp(-eta_C (b~ - gamma)): the geometric clip update of Andrew et al. 2021 (Sec. 2, Alg. 1)."""
     _check_clip(clip)
     if not 0 <= target_quantile <= 1:
         raise ValueError(f"target quantile must lie in [0, 1], got {target_quantile!r}")
