@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fedmpi", "fedmpi.*"]),
     python_requires=">=3.9",
-    install_requires=["torch", "torchvision", "numpy", "h5py", "mpi4py", "pyyaml"],
+    install_requires=["torch", "torchvision", "numpy", "h5py", "mpi4py", "pyyaml",
+                      "dp-accounting>=0.6", "cryptography>=50"],  # the versions tested
     extras_require={
         "mpich": ["mpich"],
         "report": ["matplotlib"],
