@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fedmpi", "fedmpi.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch", "torchvision", "numpy", "h5py", "mpi4py", "pyyaml",
                       "dp-accounting>=0.6", "cryptography>=50"],  # the versions tested
     extras_require={
