@@ -32,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedmpi.config import Config  # noqa: E402
 from fedmpi.data.prepare import prepare  # noqa: E402
 from fedmpi.data.shards import read_attrs, read_nodes, read_test  # noqa: E402
-from fedmpi.engine.batched import BatchedEngine, mlp_layers  # noqa: E402
+from fedmpi.engine.batched import BatchedEngine  # noqa: E402
 from fedmpi.engine.evaluate import accuracy_loss  # noqa: E402
+from fedmpi.engine.mlp import mlp_layers  # noqa: E402
 from fedmpi.engine.models import build_model  # noqa: E402
-from fedmpi.engine.params import flatten
-from fedmpi.engine.sequential import SequentialEngine, load_flat  # noqa: E402
+from fedmpi.engine.params import flatten, load_flat  # noqa: E402
+from fedmpi.engine.sequential import SequentialEngine  # noqa: E402
 from fedmpi.fl.aggregate import UpdateSum, apply_update  # noqa: E402
 from fedmpi.runtime.device import configure_torch, host_cores  # noqa: E402
 

@@ -21,7 +21,7 @@ from fedmpi.data.partition import node_ranges  # noqa: E402
 from fedmpi.data.shards import read_attrs, read_nodes  # noqa: E402
 from fedmpi.engine.batched import BatchedEngine  # noqa: E402
 from fedmpi.engine.models import build_model  # noqa: E402
-from fedmpi.engine.sequential import flatten  # noqa: E402
+from fedmpi.engine.params import flatten  # noqa: E402
 from fedmpi.fl.aggregate import TRAILER, UpdateSum, apply_update  # noqa: E402
 from fedmpi.run import sync  # noqa: E402
 from fedmpi.runtime.comm import world  # noqa: E402

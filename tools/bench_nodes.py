@@ -23,7 +23,7 @@ from bench import peak_rss_mib, sync  # noqa: E402
 from fedmpi.config import Config  # noqa: E402
 from fedmpi.engine.batched import BatchedEngine  # noqa: E402
 from fedmpi.engine.models import build_model  # noqa: E402
-from fedmpi.engine.sequential import flatten  # noqa: E402
+from fedmpi.engine.params import flatten  # noqa: E402
 from fedmpi.fl.aggregate import UpdateSum, apply_update  # noqa: E402
 from fedmpi.runtime.device import configure_torch, host_cores  # noqa: E402
 
