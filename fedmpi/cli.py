@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -61,7 +62,7 @@ def cmd_run(cfg, args, comm) -> None:
     node_ranges(cfg.nodes, comm.size)
     if comm.rank == 0:
         check_run_dir(run_dir, args.resume is not None)
-        if cfg.data_path.exists():
+        if os.path.exists(cfg.data_path):  # never raises (a parent without permission: prepare says so)
             check_matches(cfg, cfg.data_path)
     from .run import run
 

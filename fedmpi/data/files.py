@@ -17,13 +17,13 @@ from ..errors import DataError
 
 QUOTE_CHARS = 200    # the most of one value an error message quotes
 QUOTE_ITEMS = 8      # array elements quoted before "..."
-KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+         (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 
 
 def kind_of(mode: int) -> str:
-    """What a non-regular file is, in words."""
-    return next((name for test, name in KINDS if test(mode)), "not a regular file")
+    """What kind of file a mode says, in words."""
+    return next((name for test, name in KINDS if test(mode)), "of an unknown kind")
 
 
 def reason(err: BaseException) -> str:

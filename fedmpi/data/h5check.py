@@ -31,27 +31,45 @@ READ_ERRORS = (OSError, LookupError, ValueError, TypeError, RuntimeError, Arithm
 
 
 def check_links(path: Path, f: h5py.File) -> None:
-    """No external or user-defined link anywhere in the file (links are listed, never followed)."""
-    seen, bad = [0], []
+    """No external or user-defined link, virtual dataset or external storage anywhere in the file.
+
+    Links are listed, never followed; each dataset is opened (its header only, no data) to see where
+    its data lie, so even a dataset fedmpi does not use cannot point elsewhere.
+    """
+    seen, bad, datasets = [0], [], []
 
     def visit(name: bytes, info) -> bool | None:
         seen[0] += 1
         if seen[0] > MAX_LINKS or info.type not in (h5py.h5l.TYPE_HARD, h5py.h5l.TYPE_SOFT):
             bad.append((name, info.type))
             return True  # stop the walk
+        if info.type == h5py.h5l.TYPE_HARD:
+            datasets.append(name)
         return None
 
     f.id.links.visit(visit, info=True)
-    if not bad:
-        return
-    name, kind = bad[0]
-    where = f"shard file {path}: /{clip(name.decode('utf-8', 'replace'))}"
     if seen[0] > MAX_LINKS:
         raise DataError(f"shard file {path} holds more than {MAX_LINKS:,} objects; a shard file has a dozen")
-    if kind == h5py.h5l.TYPE_EXTERNAL:
-        target, obj = (part.decode("utf-8", "replace") for part in f.id.links.get_val(name))
-        raise DataError(f"{where} is an external link to {clip(target)}:{clip(obj)}{OUTSIDE}")
-    raise DataError(f"{where} is a user-defined link (type {kind}){OUTSIDE}")
+    if bad:
+        name, kind = bad[0]
+        where = f"shard file {path}: /{clip(name.decode('utf-8', 'replace'))}"
+        if kind == h5py.h5l.TYPE_EXTERNAL:
+            target, obj = (part.decode("utf-8", "replace") for part in f.id.links.get_val(name))
+            raise DataError(f"{where} is an external link to {clip(target)}:{clip(obj)}{OUTSIDE}")
+        raise DataError(f"{where} is a user-defined link (type {kind}){OUTSIDE}")
+    for name in datasets:
+        if h5py.h5o.get_info(f.id, name).type == h5py.h5o.TYPE_DATASET:
+            check_inside(path, name.decode("utf-8", "replace"), h5py.h5d.open(f.id, name).get_create_plist())
+
+
+def check_inside(path: Path, name: str, plist) -> None:
+    """The dataset's data lie in this file: not mapped from others (VDS), not in external storage."""
+    where = f"shard file {path}: /{clip(name)}"
+    if plist.get_layout() == h5py.h5d.VIRTUAL:
+        raise DataError(f"{where} is a virtual dataset (its data are mapped from other files){OUTSIDE}")
+    if plist.get_external_count():
+        target = plist.get_external(0)[0].decode("utf-8", "replace")
+        raise DataError(f"{where} keeps its data in external storage ({clip(target)}){OUTSIDE}")
 
 
 def stored_dataset(path: Path, f: h5py.File, name: str) -> h5py.Dataset:
@@ -71,11 +89,7 @@ def check_storage(path: Path, name: str, dset: h5py.Dataset, file_size: int) -> 
     """The data of `dset` lie in the file, allocated in full, through filters fedmpi accepts."""
     plist = dset.id.get_create_plist()
     layout, where = plist.get_layout(), f"shard file {path}: /{name}"
-    if layout == h5py.h5d.VIRTUAL:
-        raise DataError(f"{where} is a virtual dataset (its data are mapped from other files){OUTSIDE}")
-    if plist.get_external_count():
-        target = plist.get_external(0)[0].decode("utf-8", "replace")
-        raise DataError(f"{where} keeps its data in external storage ({clip(target)}){OUTSIDE}")
+    check_inside(path, name, plist)
     filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
     unknown = [(code, name.decode("utf-8", "replace")) for code, _, _, name in filters if code not in FILTERS]
     if unknown:

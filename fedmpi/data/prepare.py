@@ -62,7 +62,7 @@ def local_test_parts(cfg: Config, raw, train_parts: list[np.ndarray]) -> list[np
 def prepare(cfg: Config, force: bool = False) -> Path:
     """Write cfg's shard file unless a matching one exists; returns its path."""
     path = cfg.data_path
-    if os.path.lexists(path) and not force:  # a dangling symlink or a FIFO is refused by the check too
+    if os.path.exists(path) and not force:  # os.path: a path below an unreadable directory is "not there"
         check_matches(cfg, path)
         return path
     check_sizes(cfg)

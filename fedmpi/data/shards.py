@@ -71,7 +71,7 @@ def write_shards(path: Path, attrs: dict, train: tuple, local_test: tuple, test:
             for key, value in attrs.items():
                 f.attrs[key] = value
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # h5py: OSError from a write, RuntimeError when closing fails
         raise DataError(f"shard file {path}: cannot write it ({reason(err)})") from None
     finally:
         remove_quietly(tmp)

@@ -143,7 +143,7 @@ def check_data_dir(data_dir: str) -> None:
     except OSError as err:
         raise DataError(f"data_dir {data_dir} cannot be read ({reason(err)})") from None
     if not stat.S_ISDIR(mode):
-        raise DataError(f"data_dir {data_dir} does not exist or is not a directory ({kind_of(mode)})")
+        raise DataError(f"data_dir {data_dir} is {kind_of(mode)}, not a directory")
     try:
         with os.scandir(data_dir) as entries:
             next(entries, None)
