@@ -9,11 +9,12 @@ Layout (FORMAT_VERSION 1):
   attrs: format_version, dataset, partition, seed, num_nodes, classes, input_shape,
          samples_per_node, test_per_node, pixel_scale
 
-Files are opened read-only with HDF5 file locking off: cluster file systems (Lustre, GPFS,
-NFS) often refuse or hang on flock, and nothing here writes while ranks read.
+Files are written whole (write_shards) and opened read-only with HDF5 file locking off: cluster
+file systems (Lustre, GPFS, NFS) often refuse or hang on flock, and nothing here writes while ranks read.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,31 +51,58 @@ class NodeShards:
 
 
 def write_shards(path: Path, attrs: dict, train: tuple, local_test: tuple, test: tuple) -> None:
-    """Write the file atomically: a reader never sees half a file (temp name, then rename).
+    """Write the file atomically: a reader never sees half a file (temp name, fsync, then rename).
 
-    Any failure (a full disk, no permission) is one DataError line naming the file, and the temp
-    file is removed whatever happened.
+    HDF5 builds the file in memory and fedmpi writes the bytes: a full disk or a quota then fails a
+    plain write(2), never an HDF5 flush (which leaves the library unable to close the file, and the
+    process crashing at exit). Any failure is one DataError line naming the file, and the temp file
+    is removed whatever happened.
     """
     tmp = temp_path(path)
     make_parent(path)
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        fill(f, attrs, train, local_test, test)
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
-            for name, (x, y, offsets) in zip(GROUPS, (train, local_test)):
-                g = f.create_group(name)
-                g.create_dataset("x", data=x)
-                g.create_dataset("y", data=y.astype(np.int64))
-                g.create_dataset("offsets", data=offsets.astype(np.int64))
-            g = f.create_group("test")
-            g.create_dataset("x", data=test[0])
-            g.create_dataset("y", data=test[1].astype(np.int64))
-            f.attrs["format_version"] = FORMAT_VERSION
-            for key, value in attrs.items():
-                f.attrs[key] = value
+        with open(tmp, "wb") as out:
+            out.write(image.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # h5py: OSError from a write, RuntimeError when closing fails
+        sync_dir(path.parent)
+    except OSError as err:
         raise DataError(f"shard file {path}: cannot write it ({reason(err)})") from None
     finally:
         remove_quietly(tmp)
+
+
+def fill(f: h5py.File, attrs: dict, train: tuple, local_test: tuple, test: tuple) -> None:
+    """The datasets and attributes of the layout above."""
+    for name, (x, y, offsets) in zip(GROUPS, (train, local_test)):
+        g = f.create_group(name)
+        g.create_dataset("x", data=x)
+        g.create_dataset("y", data=y.astype(np.int64))
+        g.create_dataset("offsets", data=offsets.astype(np.int64))
+    g = f.create_group("test")
+    g.create_dataset("x", data=test[0])
+    g.create_dataset("y", data=test[1].astype(np.int64))
+    f.attrs["format_version"] = FORMAT_VERSION
+    for key, value in attrs.items():
+        f.attrs[key] = value
+
+
+def sync_dir(folder: Path) -> None:
+    """fsync a directory, so a rename in it survives a crash (where the file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def temp_path(path: Path) -> Path:
