@@ -62,13 +62,10 @@ def local_test_parts(cfg: Config, raw, train_parts: list[np.ndarray]) -> list[np
 def prepare(cfg: Config, force: bool = False) -> Path:
     """Write cfg's shard file unless a matching one exists; returns its path."""
     path = cfg.data_path
-    if os.path.exists(path) and not force:  # os.path: a path below an unreadable directory is "not there"
+    if os.path.exists(path) and not force:
         check_matches(cfg, path)
         return path
-    check_sizes(cfg)
-    if cfg.data_dir and cfg.dataset != "synthetic":
-        check_data_dir(cfg.data_dir)
-    make_parent(path)  # a file that cannot be written fails now, not after loading the dataset
+    check_makeable(cfg)
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
     split = PARTITIONERS[cfg.partition]
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
@@ -82,6 +79,15 @@ def prepare(cfg: Config, force: bool = False) -> Path:
                  local_test=(raw.test_x[test_idx], raw.test_y[test_idx], offsets_of(test_parts)),
                  test=(raw.test_x, raw.test_y))
     return path
+
+
+def check_makeable(cfg: Config) -> None:
+    """Sizes within the shard file's caps, data_dir readable, the file's directory writable: checked
+    before the raw dataset is loaded (minutes for a large one)."""
+    check_sizes(cfg)
+    if cfg.data_dir and cfg.dataset != "synthetic":
+        check_data_dir(cfg.data_dir)
+    make_parent(cfg.data_path)
 
 
 def check_sizes(cfg: Config) -> None:
