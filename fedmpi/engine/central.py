@@ -33,7 +33,7 @@ def cache_path(cfg: Config) -> Path:
 def load_cached(cfg: Config) -> Optional[dict]:
     """The cached baseline, or None when there is none or it is not one (then it is trained again)."""
     path = cache_path(cfg)
-    if not path.exists():
+    if not os.path.lexists(path):  # a dangling link or a FIFO is refused by read_text below
         return None
     try:
         result = json.loads(read_text(path, "baseline cache", MAX_CACHE_BYTES))
