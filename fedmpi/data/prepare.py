@@ -65,7 +65,7 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     if os.path.exists(path) and not force:
         check_matches(cfg, path)
         return path
-    check_makeable(cfg)
+    check_preparable(cfg)
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
     split = PARTITIONERS[cfg.partition]
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
@@ -81,7 +81,7 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     return path
 
 
-def check_makeable(cfg: Config) -> None:
+def check_preparable(cfg: Config) -> None:
     """Sizes within the shard file's caps, data_dir readable, the file's directory writable: checked
     before the raw dataset is loaded (minutes for a large one)."""
     check_sizes(cfg)
