@@ -1,16 +1,18 @@
 """The prepare stage: raw dataset -> partition -> one HDF5 shard file (see shards.py for the layout)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..config import Config
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from .files import clip, quote
 from .partition import PARTITIONERS, iid, like_train, offsets_of
-from .shards import open_shards, read_attrs, write_shards
-from .sources import load_dataset
-from .validate import validate_shards
+from .shards import make_parent, write_shards
+from .sources import check_data_dir, load_dataset
+from .validate import MAX_NODES, MAX_ROWS, histogram_fits, label_counts, validate_shards
 
 # Partitions whose local test splits copy each node's training label proportions (see like_train).
 LABEL_SKEWED = ("shards", "dirichlet")
@@ -60,9 +62,10 @@ def local_test_parts(cfg: Config, raw, train_parts: list[np.ndarray]) -> list[np
 def prepare(cfg: Config, force: bool = False) -> Path:
     """Write cfg's shard file unless a matching one exists; returns its path."""
     path = cfg.data_path
-    if path.exists() and not force:
+    if os.path.exists(path) and not force:
         check_matches(cfg, path)
         return path
+    check_preparable(cfg)
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
     split = PARTITIONERS[cfg.partition]
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
@@ -78,27 +81,48 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     return path
 
 
+def check_preparable(cfg: Config) -> None:
+    """Sizes within the shard file's caps, data_dir readable, the file's directory writable: checked
+    before the raw dataset is loaded (minutes for a large one)."""
+    check_sizes(cfg)
+    if cfg.data_dir and cfg.dataset != "synthetic":
+        check_data_dir(cfg.data_dir)
+    make_parent(cfg.data_path)
+
+
+def check_sizes(cfg: Config) -> None:
+    """A file fedmpi writes must be one it will read back: within the shard file's caps."""
+    if cfg.nodes > MAX_NODES:
+        raise ConfigError(f"config key 'nodes' is {cfg.nodes:,}, a shard file holds at most {MAX_NODES:,} nodes")
+    for key, per_node in (("samples_per_node", cfg.samples_per_node), ("test_per_node", cfg.test_per_node)):
+        if cfg.nodes * per_node > MAX_ROWS:
+            raise ConfigError(f"config keys 'nodes' x '{key}' make {cfg.nodes * per_node:,} rows, a shard file "
+                              f"holds at most {MAX_ROWS:,}")
+
+
 def check_matches(cfg: Config, path: Path) -> None:
     """Refuse a malformed shard file, or one made from another dataset, partition, seed or size."""
     attrs = validate_shards(path)
     for key, want in expected_attrs(cfg).items():
         if attrs.get(key) != want:
-            raise DataError(f"shard file {path} was made with {key}={attrs.get(key)!r}, the config says {want!r}; "
+            raise DataError(f"shard file {path} was made with {key}={quote(attrs.get(key))}, the config says "
+                            f"{quote(want)}; "
                             f"delete it, choose another data_file, or run `fedmpi prepare --force`")
 
 
 def describe(path: Path) -> str:
     """The file's attributes, then one row per node: samples and the count of each label."""
-    attrs = read_attrs(path)
-    lines = [f"{k}: {v}" for k, v in sorted(attrs.items())]
-    with open_shards(path) as f:  # labels and offsets only: the images are not needed here
-        y, offsets = f["train/y"][:], f["train/offsets"][:]
-    return "\n".join(lines + [""] + label_table(y, offsets, int(attrs["classes"])))
+    attrs = validate_shards(path)
+    lines = [f"{k}: {clip(str(v))}" for k, v in sorted(attrs.items())]
+    if not histogram_fits(attrs):
+        return "\n".join(lines + ["", f"(no label table: {attrs['num_nodes']:,} nodes x {attrs['classes']:,} "
+                                       "classes is too large to print)"])
+    return "\n".join(lines + [""] + label_table(label_counts(path, attrs)))
 
 
-def label_table(y: np.ndarray, offsets: np.ndarray, classes: int) -> list[str]:
-    """Per-node label histograms as text rows, and a summary of sizes and labels per node."""
-    counts = np.stack([np.bincount(y[a:b], minlength=classes) for a, b in zip(offsets[:-1], offsets[1:])])
+def label_table(counts: np.ndarray) -> list[str]:
+    """Per-node label histograms ([nodes, classes] counts) as text rows, and a summary of sizes and labels."""
+    classes = counts.shape[1]
     width = max(5, len(str(counts.max())) + 1)
     head = f"{'node':>5} {'samples':>8}" + "".join(f"{c:>{width}}" for c in range(classes))
     rows = [f"{n:>5} {row.sum():>8}" + "".join(f"{v:>{width}}" for v in row) for n, row in enumerate(counts)]

@@ -6,7 +6,10 @@ cache directory (~/.cache/fedmpi/<dataset>), then a torchvision download into th
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
+from .files import kind_of, reason
 
 IDX_FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -24,6 +28,8 @@ IDX_FILES = {
 TORCHVISION_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 # Subfolders where torchvision and common mirrors keep the same files.
 IDX_SUBDIRS = ("", "raw", "MNIST/raw", "FashionMNIST/raw", "mnist", "fashion-mnist")
+MAX_IDX_BYTES = 1 << 30  # one IDX file, unpacked (MNIST's largest is 47 MB): bounds a gzip bomb
+IDX_CLASSES = 10
 
 
 @dataclass
@@ -43,15 +49,17 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as err:
-        raise DataError(f"cannot read IDX file {path}: {err}") from None
+            data = f.read(MAX_IDX_BYTES + 1)
+    except (OSError, EOFError, ValueError, zlib.error) as err:  # zlib.error: a damaged gzip stream
+        raise DataError(f"cannot read IDX file {path}: {reason(err)}") from None
+    if len(data) > MAX_IDX_BYTES:
+        raise DataError(f"IDX file {path} unpacks to more than {MAX_IDX_BYTES:,} bytes")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if len(data) != header + int(np.prod(dims)):
+    if len(data) != header + math.prod(dims):
         raise DataError(f"{path} is truncated: header says {dims}, file holds {len(data) - header} bytes")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -66,9 +74,17 @@ def find_idx_dir(root: Path) -> Optional[Path]:
 
 
 def _idx_file(folder: Path, stem: str) -> Optional[Path]:
+    """The IDX file `stem` (.gz or raw) in `folder`; one that is there but not a regular file is refused."""
     for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
+        try:
+            mode = os.stat(folder / name).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:
+            raise DataError(f"IDX file {folder / name} cannot be read ({reason(err)})") from None
+        if not stat.S_ISREG(mode):
+            raise DataError(f"IDX file {folder / name} is {kind_of(mode)}, not a regular file")
+        return folder / name
     return None
 
 
@@ -78,8 +94,10 @@ def load_idx_dir(name: str, folder: Path) -> RawDataset:
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"IDX {split} files in {folder} disagree: images {x.shape}, labels {y.shape}")
+        if len(y) and y.max() >= IDX_CLASSES:
+            raise DataError(f"IDX {split} labels in {folder} hold label {y.max()}, expected 0..{IDX_CLASSES - 1}")
     return RawDataset(name, arrays["train_x"][:, None], arrays["train_y"].astype(np.int64),
-                      arrays["test_x"][:, None], arrays["test_y"].astype(np.int64), classes=10)
+                      arrays["test_x"][:, None], arrays["test_y"].astype(np.int64), classes=IDX_CLASSES)
 
 
 def cache_dir(name: str) -> Path:
@@ -96,11 +114,14 @@ def load_dataset(name: str, data_dir: Optional[str], seed: int = 0, synthetic_si
     """Find and load `name`; one clear error when it is nowhere and cannot be downloaded."""
     if name == "synthetic":
         return synthetic(synthetic_size, seed)
-    if data_dir and not Path(data_dir).is_dir():
-        raise DataError(f"data_dir {data_dir} does not exist or is not a directory")
+    if data_dir:
+        check_data_dir(data_dir)
     searched = candidate_dirs(name, data_dir)
     for folder in searched:
-        found = _load_local(name, folder)
+        try:
+            found = _load_local(name, folder)
+        except OSError as err:  # an unreadable folder on the way (EACCES, ELOOP)
+            raise DataError(f"dataset folder {folder} cannot be read ({reason(err)})") from None
         if found is not None:
             return found
     try:
@@ -113,6 +134,23 @@ def load_dataset(name: str, data_dir: Optional[str], seed: int = 0, synthetic_si
             f"and pass --data-dir DIR (or --set data_dir=DIR, or export FEDMPI_DATA=DIR)") from None
 
 
+def check_data_dir(data_dir: str) -> None:
+    """data_dir exists, is a directory and can be listed; else one line naming it."""
+    try:
+        mode = os.stat(data_dir).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"data_dir {data_dir} does not exist or is not a directory") from None
+    except OSError as err:
+        raise DataError(f"data_dir {data_dir} cannot be read ({reason(err)})") from None
+    if not stat.S_ISDIR(mode):
+        raise DataError(f"data_dir {data_dir} is {kind_of(mode)}, not a directory")
+    try:
+        with os.scandir(data_dir) as entries:
+            next(entries, None)
+    except OSError as err:
+        raise DataError(f"data_dir {data_dir} cannot be read ({reason(err)})") from None
+
+
 def _load_local(name: str, folder: Path) -> Optional[RawDataset]:
     if not folder.is_dir():
         return None
@@ -120,7 +158,11 @@ def _load_local(name: str, folder: Path) -> Optional[RawDataset]:
         idx = find_idx_dir(folder)
         return load_idx_dir(name, idx) if idx is not None else None
     if (folder / "cifar-10-batches-py").is_dir():
-        return _torchvision(name, folder, download=False)
+        try:  # torchvision checks each batch file's MD5 before unpickling it: nothing else is loaded
+            return _torchvision(name, folder, download=False)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise DataError(f"CIFAR-10 files in {folder / 'cifar-10-batches-py'} cannot be loaded "
+                            f"({reason(err)})") from None
     return None
 
 

@@ -1,21 +1,33 @@
 """Check a whole shard file before any rank trains on it: one DataError line naming file, dataset and problem.
 
-Everything but the labels is metadata (attributes, shapes, dtypes, the small offsets arrays);
-labels are read in chunks so a file of any size is checked in bounded memory.
+First everything that costs no data: the file's links (h5check.check_links, in open_shards), its
+attributes, every dataset's shape, dtype and storage (all of it must be in the file: h5check), and
+the sizes against fixed caps. Only then the data: the small offsets arrays, and the labels in chunks,
+so a file of any size is checked in bounded memory and in time bounded by what it really holds.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..errors import DataError
-from .shards import GROUPS, READ_ERRORS, open_shards
+from .files import quote, reason
+from .h5check import READ_ERRORS, attr_names, attr_value, read_rows, stored_dataset
+from .shards import GROUPS, open_shards, plain
 
 LABEL_CHUNK = 1 << 20  # labels read per step: 8 MiB of int64
 INT_ATTRS = ("seed", "num_nodes", "classes", "samples_per_node", "test_per_node")
 STR_ATTRS = ("dataset", "partition")
+# Far beyond any dataset fedmpi trains on, and small enough that what they imply can be allocated.
+MAX_NODES = 1_000_000               # offsets arrays of 8 MB
+MAX_CLASSES = 100_000               # the model's output layer; ImageNet-21k has 21,841
+MAX_ROWS = 1_000_000_000            # rows of one group
+MAX_SAMPLE_VALUES = 1 << 24         # values of one image (4096 x 4096)
+MAX_INPUT_DIMS = 8
+MAX_HISTOGRAM_CELLS = 1 << 24       # nodes x classes label counts (describe, report)
 
 
 def validate_shards(path: Path) -> dict:
@@ -23,55 +35,89 @@ def validate_shards(path: Path) -> dict:
     with open_shards(path) as f:
         try:
             attrs = check_attrs(path, f.attrs)
-            for group in GROUPS:
-                check_group(path, f, group, attrs, empty_nodes_ok=group != "train")
-            n = check_xy(path, f, "test", attrs)
-            if n == 0:
+            data = {group: check_xy(path, f, group, attrs) for group in (*GROUPS, "test")}
+            offsets = {group: check_offsets_meta(path, f, group, attrs) for group in GROUPS}
+            for group in GROUPS:  # metadata all checked: now the data
+                check_offsets(path, group, read_rows(path, offsets[group]), len(data[group][1]),
+                              empty_nodes_ok=group != "train")
+            for group, (_, y) in data.items():
+                check_labels(path, y, f"/{group}/y", attrs["classes"])
+            if len(data["test"][1]) == 0:
                 raise DataError(f"shard file {path}: /test has no samples")
-        except DataError:
-            raise
         except READ_ERRORS as err:
             # h5py reports damaged metadata or chunks in many ways; all of them mean a bad file.
-            raise DataError(f"shard file {path}: cannot be read ({one_line(err)})") from None
+            raise DataError(f"shard file {path}: cannot be read ({reason(err)})") from None
     return attrs
 
 
 def check_attrs(path: Path, raw: h5py.AttributeManager) -> dict:
     """Every attribute fedmpi uses is present and of the right type and range."""
-    attrs = {k: raw[k] for k in raw.keys()}
+    attrs = {k: attr_value(path, raw, k) for k in attr_names(path, raw)}
     for key in INT_ATTRS + STR_ATTRS + ("input_shape", "pixel_scale"):
         if key not in attrs:
             raise DataError(f"shard file {path}: attribute '{key}' is missing")
     for key in INT_ATTRS:
         if not is_int(attrs[key]) or attrs[key] < 0:
             raise DataError(f"shard file {path}: attribute '{key}' must be a non-negative integer, "
-                            f"got {show(attrs[key])}")
-    for key in ("num_nodes", "classes"):
-        if attrs[key] < 1:
-            raise DataError(f"shard file {path}: attribute '{key}' must be >= 1, got {show(attrs[key])}")
+                            f"got {quote(attrs[key])}")
+    for key, cap in (("num_nodes", MAX_NODES), ("classes", MAX_CLASSES)):
+        if not 1 <= attrs[key] <= cap:
+            raise DataError(f"shard file {path}: attribute '{key}' must be in [1, {cap:,}], got {attrs[key]}")
     for key in STR_ATTRS:
         if not isinstance(attrs[key], str):
-            raise DataError(f"shard file {path}: attribute '{key}' must be a string, got {show(attrs[key])}")
-    shape = np.asarray(attrs["input_shape"])
-    if shape.ndim != 1 or len(shape) == 0 or shape.dtype.kind not in "iu" or (shape < 1).any():
-        raise DataError(f"shard file {path}: attribute 'input_shape' must be positive integers, got {show(shape)}")
+            raise DataError(f"shard file {path}: attribute '{key}' must be a string, got {quote(attrs[key])}")
+    check_input_shape(path, attrs["input_shape"])
     scale = attrs["pixel_scale"]
     if not isinstance(scale, (float, np.floating)) or not np.isfinite(scale) or scale <= 0:
-        raise DataError(f"shard file {path}: attribute 'pixel_scale' must be a positive float, got {show(scale)}")
+        raise DataError(f"shard file {path}: attribute 'pixel_scale' must be a positive float, got {quote(scale)}")
     return {k: plain(v) for k, v in attrs.items()}
 
 
-def check_group(path: Path, f: h5py.File, group: str, attrs: dict, empty_nodes_ok: bool) -> None:
-    """x, y and offsets of a node-sharded group agree with each other and with the attributes."""
-    n = check_xy(path, f, group, attrs)
-    offsets = dataset(path, f, f"{group}/offsets")
+def check_input_shape(path: Path, value) -> None:
+    shape = np.asarray(value)
+    if shape.ndim != 1 or not 0 < len(shape) <= MAX_INPUT_DIMS or shape.dtype.kind not in "iu" or (shape < 1).any():
+        raise DataError(f"shard file {path}: attribute 'input_shape' must be 1 to {MAX_INPUT_DIMS} positive "
+                        f"integers, got {quote(value)}")
+    if math.prod(shape.tolist()) > MAX_SAMPLE_VALUES:
+        raise DataError(f"shard file {path}: attribute 'input_shape' {shape.tolist()} has more than "
+                        f"{MAX_SAMPLE_VALUES:,} values per sample")
+
+
+def check_xy(path: Path, f: h5py.File, group: str, attrs: dict) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """x is uint8 [N, *input_shape], y integer [N], both wholly in the file; returns (x, y). Reads no data."""
+    x, y = stored_dataset(path, f, f"{group}/x"), stored_dataset(path, f, f"{group}/y")
+    shape = tuple(attrs["input_shape"])
+    if x.dtype != np.uint8:
+        raise DataError(f"shard file {path}: /{group}/x has dtype {x.dtype}, expected uint8")
+    if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != shape:
+        want = ", ".join(["N", *map(str, shape)])
+        raise DataError(f"shard file {path}: /{group}/x has shape {list(x.shape)}, expected [{want}]")
+    if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
+        raise DataError(f"shard file {path}: /{group}/y is {y.dtype} {list(y.shape)}, expected integer [{x.shape[0]}]")
+    if x.shape[0] > MAX_ROWS:
+        raise DataError(f"shard file {path}: /{group} has {x.shape[0]:,} rows, more than the {MAX_ROWS:,} "
+                        f"fedmpi reads")
+    return x, y
+
+
+def check_offsets_meta(path: Path, f: h5py.File, group: str, attrs: dict) -> h5py.Dataset:
+    """offsets is a 1-d integer array of num_nodes + 1 entries, wholly in the file. Reads no data."""
+    offsets = stored_dataset(path, f, f"{group}/offsets")
     where = f"shard file {path}: /{group}/offsets"
     if offsets.dtype.kind not in "iu" or offsets.ndim != 1:
         raise DataError(f"{where} must be a 1-d integer array, got {offsets.dtype} {list(offsets.shape)}")
     if len(offsets) != attrs["num_nodes"] + 1:
         nodes = attrs["num_nodes"]
-        raise DataError(f"{where} has {len(offsets)} entries, num_nodes={nodes} needs {nodes + 1}")
-    o = offsets[:].astype(np.int64)
+        raise DataError(f"{where} has {len(offsets):,} entries, num_nodes={nodes} needs {nodes + 1}")
+    return offsets
+
+
+def check_offsets(path: Path, group: str, offsets: np.ndarray, n: int, empty_nodes_ok: bool) -> None:
+    """offsets start at 0, never decrease and end at the row count n."""
+    where = f"shard file {path}: /{group}/offsets"
+    if offsets.dtype.kind == "u" and offsets.max(initial=0) > np.iinfo(np.int64).max:
+        raise DataError(f"{where} holds {offsets.max()}, more than any row count")
+    o = offsets.astype(np.int64)
     if o[0] != 0:
         raise DataError(f"{where} must start at 0, starts at {o[0]}")
     steps = np.diff(o)
@@ -85,51 +131,39 @@ def check_group(path: Path, f: h5py.File, group: str, attrs: dict, empty_nodes_o
         raise DataError(f"{where}: node {int(np.flatnonzero(steps == 0)[0])} has zero samples")
 
 
-def check_xy(path: Path, f: h5py.File, group: str, attrs: dict) -> int:
-    """x is uint8 [N, *input_shape], y integer [N] with labels in [0, classes); returns N."""
-    x, y = dataset(path, f, f"{group}/x"), dataset(path, f, f"{group}/y")
-    shape = tuple(attrs["input_shape"])
-    if x.dtype != np.uint8:
-        raise DataError(f"shard file {path}: /{group}/x has dtype {x.dtype}, expected uint8")
-    if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != shape:
-        want = ", ".join(["N", *map(str, shape)])
-        raise DataError(f"shard file {path}: /{group}/x has shape {list(x.shape)}, expected [{want}]")
-    if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
-        raise DataError(f"shard file {path}: /{group}/y is {y.dtype} {list(y.shape)}, expected integer [{x.shape[0]}]")
-    check_labels(path, y, f"/{group}/y", attrs["classes"])
-    return x.shape[0]
-
-
 def check_labels(path: Path, y: h5py.Dataset, name: str, classes: int) -> None:
     """Every label in [0, classes), read LABEL_CHUNK rows at a time."""
     for start in range(0, y.shape[0], LABEL_CHUNK):
-        chunk = y[start:start + LABEL_CHUNK]
+        chunk = read_rows(path, y, start, start + LABEL_CHUNK)
         bad = np.flatnonzero((chunk < 0) | (chunk >= classes))
         if len(bad):
             row = start + int(bad[0])
             raise DataError(f"shard file {path}: {name}[{row}] = {chunk[bad[0]]} is outside the classes [0, {classes})")
 
 
-def dataset(path: Path, f: h5py.File, name: str) -> h5py.Dataset:
-    """The dataset at `name`, or a DataError naming it."""
-    obj = f.get(name)
-    if not isinstance(obj, h5py.Dataset):
-        raise DataError(f"shard file {path}: dataset /{name} is missing")
-    return obj
+def histogram_fits(attrs: dict) -> bool:
+    """Whether a [nodes, classes] table of label counts is small enough to build."""
+    return attrs["num_nodes"] * attrs["classes"] <= MAX_HISTOGRAM_CELLS
+
+
+def label_counts(path: Path, attrs: dict) -> np.ndarray:
+    """[nodes, classes] training label counts of a validated file, reading LABEL_CHUNK labels at a time."""
+    nodes, classes = attrs["num_nodes"], attrs["classes"]
+    counts = np.zeros((nodes, classes), np.int64)
+    with open_shards(path) as f:
+        try:
+            offsets = read_rows(path, stored_dataset(path, f, "train/offsets")).astype(np.int64)
+            y = stored_dataset(path, f, "train/y")
+            for start in range(0, len(y), LABEL_CHUNK):
+                labels = read_rows(path, y, start, start + LABEL_CHUNK).astype(np.int64)
+                node = np.searchsorted(offsets, np.arange(start, start + len(labels)), side="right") - 1
+                lo, hi = int(node[0]), int(node[-1]) + 1  # only the nodes this chunk touches
+                cells = np.bincount((node - lo) * classes + labels, minlength=(hi - lo) * classes)
+                counts[lo:hi] += cells.reshape(hi - lo, classes)
+        except READ_ERRORS as err:
+            raise DataError(f"shard file {path}: /train cannot be read ({reason(err)})") from None
+    return counts
 
 
 def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def plain(value):
-    """numpy scalars and arrays as Python values (so messages read `2`, not `np.int64(2)`)."""
-    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
-
-
-def show(value) -> str:
-    return repr(plain(value))
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__

@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 from ..config import Config
+from ..data.files import read_text, reason, remove_quietly
+from ..errors import DataError
 from .evaluate import accuracy_loss
 from .models import build_model
 from .params import flatten, views
 from .sequential import CENTRAL_STREAM, batch_generator, sgd_epochs
 
 CACHE_KEYS = ("model", "central_epochs", "lr", "momentum", "batch_size", "seed")
+MAX_CACHE_BYTES = 1 << 20  # a cache holds two floats per epoch
 
 
 def cache_path(cfg: Config) -> Path:
@@ -27,12 +31,38 @@ def cache_path(cfg: Config) -> Path:
 
 
 def load_cached(cfg: Config) -> Optional[dict]:
+    """The cached baseline, or None when there is none or it is not one (then it is trained again)."""
     path = cache_path(cfg)
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not os.path.lexists(path):  # a dangling link or a FIFO is refused by read_text below
         return None
-    return result if len(result.get("test_acc", [])) == cfg.central_epochs else None
+    try:
+        result = json.loads(read_text(path, "baseline cache", MAX_CACHE_BYTES))
+    except (DataError, ValueError, RecursionError):  # not a regular file, too large, not JSON
+        return None
+    return result if is_baseline(result, cfg.central_epochs) else None
+
+
+def is_baseline(result, epochs: int) -> bool:
+    """Whether `result` has the shape train_central returns: an accuracy in [0, 1] and a loss per epoch."""
+    if not isinstance(result, dict) or not all(isinstance(result.get(k), list) for k in ("test_acc", "test_loss")):
+        return False
+    values = result["test_acc"] + result["test_loss"]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return (numbers and len(result["test_acc"]) == len(result["test_loss"]) == epochs
+            and all(0 <= v <= 1 for v in result["test_acc"]) and isinstance(result.get("samples"), int))
+
+
+def write_cache(path: Path, result: dict) -> None:
+    """Write atomically; when the data directory cannot take it (read-only, full), say so and go on."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"fedmpi: note: baseline cache {path} not written ({reason(err)}); it is trained again next time",
+              file=sys.stderr, flush=True)
+    finally:
+        remove_quietly(tmp)
 
 
 def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -62,8 +92,5 @@ def central_baseline(cfg: Config, load_train: Callable[[], tuple], test_x: torch
     if cached is not None:
         return dict(cached, cached=True)
     result = train_central(cfg, *load_train(), test_x, test_y, input_shape, classes)
-    path = cache_path(cfg)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    write_cache(cache_path(cfg), result)
     return dict(result, cached=False)

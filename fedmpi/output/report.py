@@ -6,56 +6,19 @@ accuracy_vs_bytes.png, and labels.png (per-node label histograms) when the run's
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from ..errors import ConfigError, DataError
+from ..data.files import reason, remove_quietly
+from ..errors import ConfigError
+from .records import Run, load_run, shard_path
 
 # The per-round time split: the stacked parts sum to the round's wall time on rank 0.
 TIME_PARTS = (("compute", "local training (mean over ranks)"), ("wait", "waiting for the slowest rank"),
               ("transfer", "the Allreduce"), ("other", "evaluation, gathering, writing"))
-
-
-@dataclass
-class Run:
-    """One run directory's records."""
-
-    path: Path
-    rows: list[dict[str, Any]]
-    info: dict[str, Any]
-    config: dict[str, Any]
-
-    @property
-    def ranks(self) -> Optional[int]:
-        return self.info.get("world_size") or (self.rows[0].get("ranks") if self.rows else None)
-
-    @property
-    def label(self) -> str:
-        return f"{self.path.name} (-n {self.ranks})" if self.ranks else self.path.name
-
-
-def load_run(path: Path) -> Run:
-    """Read a run directory; a missing or unreadable metrics.jsonl is one clear error."""
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise DataError(f"report: {metrics} not found ({path} is not a fedmpi run directory?)")
-    rows = []
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"report: {metrics} line {n} is not JSON") from None
-    if not rows:
-        raise DataError(f"report: {metrics} has no rounds yet")
-    info = json.loads((path / "run.json").read_text()) if (path / "run.json").is_file() else {}
-    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    return Run(path, rows, info, config or {})
 
 
 def time_split(row: dict[str, Any]) -> dict[str, float]:
@@ -233,29 +196,28 @@ def plot_accuracy_vs_bytes(runs: list[Run], path: Path) -> None:
 
 
 def node_labels(run: Run) -> Optional[Any]:
-    """[nodes, classes] label counts from the run's shard file, or None when it is not at hand."""
-    import h5py
-    import numpy as np
+    """[nodes, classes] label counts from the run's shard file (checked whole first), or None when it is
+    not at hand or too large to plot."""
+    from ..data.validate import histogram_fits, label_counts, validate_shards
 
-    data_file = run.config.get("data_file")
-    path = Path(str(data_file).format(**run.config)) if data_file else None
-    if path is None or not path.is_file():
+    path = shard_path(run)
+    if path is None or not os.path.lexists(path):
         return None
-    with h5py.File(path, "r", locking=False) as f:
-        y, offsets = f["train/y"][:], f["train/offsets"][:]
-        classes = int(f.attrs["classes"])
-    node = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    counts = np.zeros((len(offsets) - 1, classes), dtype=np.int64)
-    np.add.at(counts, (node, y), 1)
-    return counts
+    attrs = validate_shards(path)
+    if not histogram_fits(attrs):
+        print(f"report: labels.png left out: {attrs['num_nodes']:,} nodes x {attrs['classes']:,} classes in {path} "
+              "are too many to plot", file=sys.stderr)
+        return None
+    return label_counts(path, attrs)
 
 
-def plot_labels(runs: list[Run], path: Path) -> bool:
-    """Per-node label histograms (stacked bars) of the first run whose shard file is at hand."""
-    found = next(((run, c) for run in runs if (c := node_labels(run)) is not None), None)
-    if found is None:
-        return False
-    run, counts = found
+def first_labels(runs: list[Run]) -> Optional[tuple[Run, Any]]:
+    """(run, label counts) of the first run whose shard file is at hand."""
+    return next(((run, c) for run in runs if (c := node_labels(run)) is not None), None)
+
+
+def plot_labels(run: Run, counts: Any, path: Path) -> None:
+    """Per-node label histograms (stacked bars) from [nodes, classes] counts."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7, min(16, 0.12 * len(counts))), 4.5))
     bottom = counts[:, 0] * 0
@@ -268,7 +230,6 @@ def plot_labels(runs: list[Run], path: Path) -> bool:
     ax.legend(title="label", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.xaxis.get_major_locator().set_params(integer=True)
     _save(fig, path)
-    return True
 
 
 def _save(fig, path: Path, layout: bool = True) -> None:
@@ -279,17 +240,27 @@ def _save(fig, path: Path, layout: bool = True) -> None:
 
 
 def report(run_dirs: list[str], out: Optional[str] = None) -> Path:
-    """Write report.md and the three PNGs for the run directories; returns the output directory."""
+    """Write report.md and the PNGs for the run directories; returns the output directory.
+
+    Everything is read and checked before anything is written: bad input leaves no partial report.
+    """
     runs = [load_run(Path(d)) for d in run_dirs]
+    labels = first_labels(runs)
     out_dir = Path(out) if out else (runs[0].path if len(runs) == 1 else Path("runs/report"))
+    tmp = out_dir / f".report.md.{os.getpid()}.tmp"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        plots = {"accuracy.png": plot_accuracy, "time.png": plot_time, "bytes.png": plot_bytes,
+                 "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}
+        for name, plot in plots.items():
+            plot(runs, out_dir / name)
+        if labels is not None:
+            plot_labels(*labels, out_dir / "labels.png")
+        images = list(plots) + (["labels.png"] if labels is not None else [])
+        tmp.write_text(markdown(runs, images) + "\n")
+        os.replace(tmp, out_dir / "report.md")
     except OSError as err:
-        raise ConfigError(f"report: --out {out_dir}: cannot write there ({err.strerror})") from None
-    plots = {"accuracy.png": plot_accuracy, "time.png": plot_time, "bytes.png": plot_bytes,
-             "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}
-    for name, plot in plots.items():
-        plot(runs, out_dir / name)
-    images = list(plots) + (["labels.png"] if plot_labels(runs, out_dir / "labels.png") else [])
-    (out_dir / "report.md").write_text(markdown(runs, images) + "\n")
+        raise ConfigError(f"report: --out {out_dir}: cannot write there ({reason(err)})") from None
+    finally:
+        remove_quietly(tmp)
     return out_dir

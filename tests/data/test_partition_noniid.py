@@ -106,8 +106,7 @@ def test_partition_keys_reach_the_partitioner_and_the_file_attributes():
 
 
 def test_label_table_has_one_row_per_node_and_a_summary():
-    y = np.array([0, 0, 1, 2, 2, 2])
-    rows = label_table(y, np.array([0, 3, 3, 6]), classes=3)
+    rows = label_table(np.array([[2, 1, 0], [0, 0, 0], [0, 0, 3]]))
     assert rows[1].split() == ["node", "samples", "0", "1", "2"]
     assert [r.split() for r in rows[2:5]] == [["0", "3", "2", "1", "0"], ["1", "0", "0", "0", "0"],
                                               ["2", "3", "0", "0", "3"]]

@@ -68,7 +68,7 @@ def test_missing_file_not_hdf5_other_version_and_missing_dataset(tmp_path):
         read_test(old)
     with h5py.File(old, "r+") as f:
         f.attrs["format_version"] = FORMAT_VERSION
-    with pytest.raises(DataError, match="missing dataset"):
+    with pytest.raises(DataError, match="dataset /test/y is missing"):
         read_test(old)
 
 

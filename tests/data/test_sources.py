@@ -1,8 +1,14 @@
 import gzip
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT
+from shardfiles import in_child, without_permission_bypass
 
+from fedmpi.data import sources
 from fedmpi.data.sources import IDX_FILES, find_idx_dir, load_dataset, read_idx, synthetic
 from fedmpi.errors import DataError
 
@@ -79,3 +85,59 @@ def test_synthetic_is_deterministic_and_label_balanced():
     assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
     assert np.bincount(a.train_y).tolist() == [10] * 10
     assert not np.array_equal(a.train_x, synthetic(100, seed=2).train_x)
+
+
+def test_an_idx_file_that_is_a_fifo_is_refused_without_opening_it(tmp_path):
+    fake_mnist(tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    os.mkfifo(tmp_path / "train-labels-idx1-ubyte.gz")
+    kind, message = in_child(load_dataset, "mnist", str(tmp_path))
+    assert kind == "DataError"
+    assert message == f"IDX file {tmp_path}/train-labels-idx1-ubyte.gz is a FIFO (named pipe), not a regular file"
+
+
+def test_idx_labels_outside_0_to_9_are_refused(tmp_path):
+    fake_mnist(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.full(20, 200), compress=True)
+    with pytest.raises(DataError, match=f"IDX test labels in {tmp_path} hold label 200, expected 0..9"):
+        load_dataset("mnist", str(tmp_path))
+
+
+def test_an_idx_file_unpacking_beyond_the_cap_is_refused(tmp_path, monkeypatch):
+    path = write_idx(tmp_path / "a-idx3-ubyte", np.zeros((50, 10, 10)), compress=True)  # 5 kB of zeros, unpacked
+    monkeypatch.setattr(sources, "MAX_IDX_BYTES", 4096)
+    with pytest.raises(DataError, match="unpacks to more than 4,096 bytes"):
+        read_idx(path)
+
+
+def test_idx_dimensions_whose_product_overflows_int64_do_not_pass_as_the_right_size(tmp_path):
+    path = tmp_path / "a-idx3-ubyte"
+    # 2^32-1 cubed wraps to a small number in int64 arithmetic; the true product is astronomically large.
+    path.write_bytes(bytes([0, 0, 8, 4]) + (2**32 - 1).to_bytes(4, "big") * 3 + (1).to_bytes(4, "big") + b"\0" * 64)
+    with pytest.raises(DataError, match="is truncated"):
+        read_idx(path)
+
+
+def test_a_data_dir_that_is_a_file_or_a_fifo_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DataError, match=r"data_dir .*/file is a regular file, not a directory"):
+        load_dataset("mnist", str(tmp_path / "file"))
+    kind, message = in_child(load_dataset, "mnist", str(tmp_path / "fifo"))
+    assert kind == "DataError" and message == f"data_dir {tmp_path}/fifo is a FIFO (named pipe), not a directory"
+
+
+def test_an_unreadable_data_dir_is_one_line_naming_it(tmp_path):
+    prefix = without_permission_bypass()
+    fake_mnist(tmp_path / "locked")
+    (tmp_path / "locked").chmod(0o000)
+    code = ("import sys; from fedmpi.data.sources import load_dataset; from fedmpi.errors import DataError\n"
+            f"try: load_dataset('mnist', {str(tmp_path / 'locked')!r})\n"
+            "except DataError as err: print(err); sys.exit(2)\n")
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.strip() == f"data_dir {tmp_path}/locked cannot be read (Permission denied)"

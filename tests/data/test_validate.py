@@ -38,9 +38,9 @@ def test_empty_local_test_nodes_are_allowed_but_empty_training_nodes_are_not(tmp
 @pytest.mark.parametrize("key,value,fragment", [
     ("num_nodes", 3, "/train/offsets has 5 entries, num_nodes=3 needs 4"),
     ("classes", "ten", "attribute 'classes' must be a non-negative integer"),
-    ("classes", 0, "attribute 'classes' must be >= 1"),
+    ("classes", 0, "attribute 'classes' must be in [1, 100,000], got 0"),
     ("input_shape", [1, 4], "/train/x has shape [24, 1, 2, 2], expected [N, 1, 4]"),
-    ("input_shape", [0, 2], "attribute 'input_shape' must be positive integers"),
+    ("input_shape", [0, 2], "attribute 'input_shape' must be 1 to 8 positive integers, got [0, 2]"),
     ("pixel_scale", -1.0, "attribute 'pixel_scale' must be a positive float"),
     ("dataset", 7, "attribute 'dataset' must be a string"),
     ("format_version", np.array([1, 1]), "format_version [1, 1], fedmpi reads 1"),
