@@ -71,7 +71,7 @@ def cmd_prepare(cfg, args, comm) -> None:
 
 def cmd_run(cfg, args, comm) -> None:
     from .data.partition import node_ranges
-    from .data.prepare import check_matches
+    from .data.prepare import check_matches, check_preparable
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
@@ -79,9 +79,11 @@ def cmd_run(cfg, args, comm) -> None:
     with agreed(comm):
         node_ranges(cfg.nodes, comm.size)
         if comm.rank == 0:
-            check_run_dir(run_dir, args.resume is not None)
             if cfg.data_path.exists():
                 check_matches(cfg, cfg.data_path)
+            else:  # the shard file is to be made: refuse what cannot be made before anything is written
+                check_preparable(cfg)
+            check_run_dir(run_dir, args.resume is not None)
     from .run import run
 
     code = run(cfg, run_dir, comm, resume=args.resume is not None)

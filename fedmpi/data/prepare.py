@@ -1,12 +1,14 @@
 """The prepare stage: raw dataset -> partition -> one HDF5 shard file (see shards.py for the layout)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, placeholders
 from ..errors import DataError
+from ..runtime.memory import check_prepare
 from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import open_shards, read_attrs, write_shards
 from .sources import load_dataset
@@ -63,6 +65,9 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     if path.exists() and not force:
         check_matches(cfg, path)
         return path
+    check_preparable(cfg)
+    print(f"preparing the shard file {path} ({cfg.dataset}, {cfg.partition}, {cfg.nodes} nodes x "
+          f"{cfg.samples_per_node} samples)", flush=True)
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
     split = PARTITIONERS[cfg.partition]
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
@@ -78,13 +83,53 @@ def prepare(cfg: Config, force: bool = False) -> Path:
     return path
 
 
+def check_preparable(cfg: Config) -> None:
+    """Refuse, before anything is loaded, a shard file that cannot be made: too big for this host's
+    memory (runtime/memory.py), or nowhere to write it."""
+    check_prepare(cfg.dataset, cfg.nodes, cfg.samples_per_node, cfg.test_per_node)
+    check_creatable(cfg.data_path)
+
+
+def check_creatable(path: Path) -> None:
+    """Refuse, before minutes of work, a shard file that cannot be created: the nearest existing folder
+    on its path must be a folder this process may write (write_shards makes the missing ones)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"data_file {path}: {folder} is not a folder, so the shard file cannot be created")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"data_file {path}: no permission to write in {folder}")
+
+
 def check_matches(cfg: Config, path: Path) -> None:
     """Refuse a malformed shard file, or one made from another dataset, partition, seed or size."""
     attrs = validate_shards(path)
     for key, want in expected_attrs(cfg).items():
         if attrs.get(key) != want:
             raise DataError(f"shard file {path} was made with {key}={attrs.get(key)!r}, the config says {want!r}; "
-                            f"delete it, choose another data_file, or run `fedmpi prepare --force`")
+                            + mismatch_advice(cfg, key))
+
+
+# Shard-file attributes named otherwise in the config; local_test_scheme follows from partition.
+ATTR_KEYS = {"num_nodes": "nodes", "local_test_scheme": "partition"}
+
+
+def mismatch_advice(cfg: Config, attr: str) -> str:
+    """What to do about a shard file made with another value of `attr`.
+
+    Rewriting it (`prepare --force`) is advised only when data_file's name is built from that key:
+    then the name says the config's value and the content is what is wrong. Otherwise the file may
+    well be another config's (a fixed name, or one missing this key), and the safe way out is a name
+    that depends on the key, so each value gets its own file.
+    """
+    key = ATTR_KEYS.get(attr, attr)
+    if attr == "local_test_scheme" or key in placeholders(cfg.data_file):
+        return "delete it, or rewrite it with `fedmpi prepare --force`"
+    stem, dot, suffix = cfg.data_file.rpartition(".")
+    named = f"{stem}-{key}{{{key}}}.{suffix}" if dot and "/" not in suffix else f"{cfg.data_file}-{key}{{{key}}}"
+    return (f"data_file does not depend on {key}, so that file may be another config's: give data_file a "
+            f"{{{key}}} placeholder, e.g. --set data_file='{named}'")
 
 
 def describe(path: Path) -> str:

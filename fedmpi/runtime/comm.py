@@ -257,6 +257,7 @@ def agreed(comm: Comm) -> Iterator[None]:
     failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
     if not failed:
         return
+    failed.sort(key=lambda item: item[1][1] == 0)  # an error before a clean end (--help), else by rank
     origin, (message, code) = failed[0]
     err = mine if mine is not None and comm.rank == origin else FedmpiError(message)
     err.exit_code, err.everywhere = code, True
