@@ -6,18 +6,36 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from . import __version__
 from .config import load_config, parse_overrides
 from .errors import ConfigError, FedmpiError
-from .runtime.comm import fail_job, install_excepthook, world
+from .runtime.comm import agreed, fail_job, install_excepthook, world
+
+
+class _ParserExit(FedmpiError):
+    """--help or --version was given: end with their exit code (0) and no error line."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line through fail_job, not a usage wall per rank
-        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> None:
+        # Through the agreement like an error: a rank must not leave while the others wait for it.
+        if message:
+            self._print_message(message, sys.stderr)
+        err = _ParserExit("")
+        err.exit_code = status
+        raise err
+
+    def _print_message(self, message: str, file=None) -> None:  # noqa: ANN001 - argparse's signature
+        if world().rank == 0:  # --help and --version: once, not once per rank
+            super()._print_message(message, file)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedmpi", description="Federated averaging as an MPI job.")
+    parser.add_argument("--version", action="version", version=f"fedmpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, text in (("prepare", "write the HDF5 shard file of a config"),
                        ("run", "run FedAvg (under mpirun/srun for several ranks)")):
@@ -43,25 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(cfg, args, comm) -> None:
     from .data.prepare import describe, prepare
 
-    if comm.rank == 0:
-        path = prepare(cfg, force=args.force)
-        print(f"shard file: {path}")
-        if args.describe:
-            print(describe(path))
-    comm.barrier()
+    with agreed(comm):  # rank 0's error, if any, ends every rank cleanly (the others wait here)
+        if comm.rank == 0:
+            path = prepare(cfg, force=args.force)
+            print(f"shard file: {path}")
+            if args.describe:
+                print(describe(path))
 
 
 def cmd_run(cfg, args, comm) -> None:
     from .data.partition import node_ranges
-    from .data.prepare import prepare
+    from .data.prepare import check_matches, check_preparable, prepare
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
     # Cheap checks first: bad input fails in about a second, before torch is even imported.
-    node_ranges(cfg.nodes, comm.size)
-    if comm.rank == 0:
-        check_run_dir(run_dir, args.resume is not None)
-        prepare(cfg)  # the shard file whole, or refused, before the run directory holds anything
+    with agreed(comm):
+        node_ranges(cfg.nodes, comm.size)
+        if comm.rank == 0:
+            if cfg.data_path.exists():
+                check_matches(cfg, cfg.data_path)
+            else:  # the shard file is to be made: refuse what cannot be made before anything is written
+                check_preparable(cfg)
+            check_run_dir(run_dir, args.resume is not None)
+            prepare(cfg)  # the shard file whole, or refused, before the run directory holds anything
     from .run import run
 
     code = run(cfg, run_dir, comm, resume=args.resume is not None)
@@ -100,25 +123,44 @@ def resume_config(args) -> Optional[str]:
 def cmd_report(args, comm) -> None:
     from .output.report import report
 
-    if comm.rank == 0:  # a plain command; under mpirun the other ranks have nothing to do
-        print(f"report: {report(args.run_dirs, args.out) / 'report.md'}")
+    with agreed(comm):  # a plain command; under mpirun the other ranks have nothing to do
+        if comm.rank == 0:
+            print(f"report: {report(args.run_dirs, args.out) / 'report.md'}")
 
 
 COMMANDS = {"prepare": cmd_prepare, "run": cmd_run}
 
 
+def read_command_line(argv: Optional[list[str]]) -> tuple:
+    """The parsed arguments and the config (None for `report`); every rank reads the same files."""
+    args = build_parser().parse_args(argv)
+    if args.command == "report":  # reads run directories, no config
+        return args, None
+    overrides = parse_overrides(args.set)
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    return args, load_config(resume_config(args), overrides)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    """The `fedmpi` command on one rank: bad input ends every rank with one line and exit code 2.
+
+    How a FedmpiError ends the job depends on where it was found (errors.FedmpiError.everywhere):
+    out of an agreement point (`agreed`: every rank reports its outcome in one allgather), every rank
+    holds the same error, so rank 0 prints it and all exit with its code, no MPI_Abort. Anywhere
+    else a rank may have failed alone while the others wait for it: it prints and aborts the world.
+    The command line and the config files are read inside such a point, so a typo, a bad value or
+    an unreadable file on any rank ends the job cleanly, and never with one rank gone and the
+    others waiting.
+    """
     comm = world()
     install_excepthook()
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "report":  # reads run directories, no config
+        with agreed(comm):
+            args, cfg = read_command_line(argv)
+        if args.command == "report":
             cmd_report(args, comm)
-            return
-        overrides = parse_overrides(args.set)
-        if args.data_dir is not None:
-            overrides["data_dir"] = args.data_dir
-        cfg = load_config(resume_config(args), overrides)
-        COMMANDS[args.command](cfg, args, comm)
+        else:
+            COMMANDS[args.command](cfg, args, comm)
     except FedmpiError as err:
-        fail_job(str(err), err.exit_code)
+        fail_job(str(err), err.exit_code, err.everywhere, err.origin)

@@ -1,19 +1,31 @@
 """Run configuration: a frozen dataclass read from YAML plus `--set key=value` overrides.
 
 Every check names the bad key, so a typo in a batch script fails at once with one line
-instead of after an hour in the queue.
+instead of after an hour in the queue. Every numeric key has bounds (BOUNDS): a value that
+cannot work is refused here, before anything is allocated, alike on every rank.
+
+Values are read by each key's type, the same from a file and from `--set` (configfile.py keeps
+plain YAML scalars as text): an int key takes a whole decimal number, also written `1e6` or
+`2.5e3`; a float key takes `0.01`, `1e-3` or `1E-3`; `nan` and `inf` read as floats and are then
+refused by the bounds; `true`/`false` are not numbers; null only where the default is null.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import re
+import string
 from dataclasses import dataclass, fields
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from .configfile import parse_config_text, read_config_file
 from .errors import ConfigError
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
@@ -25,10 +37,47 @@ ENGINES = ("batched", "sequential")
 AUTOCASTS = ("none", "bf16")
 SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
+CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "model": MODELS, "aggregation": AGGREGATIONS,
+           "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS, "server_opt": SERVER_OPTS,
+           "update_dtype": UPDATE_DTYPES}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
 # (Reddi et al. 2021 tune it near 10^-2 for Adam and Yogi on their image tasks).
 SERVER_LR_DEFAULTS = {"none": 1.0, "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
+
+# key: (low, high, low_open, high_open). The README's Configuration table gives the reasons.
+BOUNDS: dict[str, tuple] = {
+    "nodes": (1, 10**7, False, False),            # 10^7: large cross-device federations
+    "samples_per_node": (1, 10**7, False, False),
+    "test_per_node": (0, 10**7, False, False),
+    "rounds": (1, 10**7, False, False),
+    "local_epochs": (1, 10**4, False, False),
+    "batch_size": (1, 2**20, False, False),       # the batched engine pads every batch to this many rows
+    "central_epochs": (0, 10**4, False, False),
+    "eval_every": (1, 10**7, False, False),
+    "seed": (0, 2**63 - 1, False, False),         # numpy SeedSequence, torch.manual_seed and an int64 HDF5 attribute
+    "threads": (0, 1024, False, False),           # and at most THREADS_PER_CORE x the host's cores (runtime/device.py)
+    "checkpoint_every": (0, 10**7, False, False),
+    "chunk_nodes": (0, 10**7, False, False),
+    "shards_per_node": (1, 1000, False, False),
+    "lr": (0.0, 100.0, True, False),
+    "momentum": (0.0, 1.0, False, True),
+    "max_dropped_fraction": (0.0, 1.0, False, False),
+    "alpha": (1e-4, 1e4, False, False),           # Dir(alpha): 1e-4 gives one label a node, 1e4 is IID
+    "quantity_sigma": (0.0, 10.0, False, False),  # lognormal sizes: at 10 one node holds nearly all samples
+    "fraction": (0.0, 1.0, True, False),
+    "server_lr": (0.0, 100.0, True, False),
+    "server_momentum": (0.0, 1.0, False, True),
+    "server_beta1": (0.0, 1.0, False, True),
+    "server_beta2": (0.0, 1.0, False, True),
+    "server_tau": (1e-12, 10.0, False, False),    # tau^2 must stay a normal float32
+    "prox_mu": (0.0, 1000.0, False, False),
+}
+MAX_TEXT = 4096  # characters of a string value (PATH_MAX), and of a --set value
+DIGITS = r"\d+(?:_\d+)*"
+NUMBER = re.compile(rf"[+-]?(?:{DIGITS}(?:\.(?:{DIGITS})?)?|\.{DIGITS})(?:[eE][+-]?\d+)?")
+NOT_FINITE = re.compile(r"[+-]?\.?(?:inf|infinity|nan)", re.IGNORECASE)
+NULLS = ("", "null", "Null", "NULL", "~")  # how --set writes null (a file's YAML reads these as null too)
 
 
 @dataclass(frozen=True)
@@ -76,56 +125,30 @@ class Config:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
-        _check_choice("dataset", self.dataset, DATASETS)
-        _check_choice("partition", self.partition, PARTITIONS)
-        _check_choice("model", self.model, MODELS)
-        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("engine", self.engine, ENGINES)
-        _check_choice("autocast", self.autocast, AUTOCASTS)
-        for name in ("nodes", "samples_per_node", "rounds", "local_epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config key '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("test_per_node", "central_epochs", "threads", "seed", "chunk_nodes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}")
-        if not 0 <= self.max_dropped_fraction <= 1:
-            raise ConfigError(f"config key 'max_dropped_fraction' must be in [0, 1], got {self.max_dropped_fraction}")
-        if not self.lr > 0:
-            raise ConfigError(f"config key 'lr' must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"config key 'momentum' must be in [0, 1), got {self.momentum}")
-        if not self.data_file:
-            raise ConfigError("config key 'data_file' must not be empty")
-        self._check_federated()
-
-    def _check_federated(self) -> None:
-        """The federated keys: partitions, sampling, server optimizer, FedProx, update dtype."""
-        _check_choice("server_opt", self.server_opt, SERVER_OPTS)
-        _check_choice("update_dtype", self.update_dtype, UPDATE_DTYPES)
+            object.__setattr__(self, f.name, coerce(f.name, f.type, getattr(self, f.name)))
+        for name, choices in CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
         if self.server_lr is None:
             object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS[self.server_opt])
-        _check_range("alpha", self.alpha, low=0.0, low_open=True)
-        _check_range("shards_per_node", self.shards_per_node, low=1)
-        _check_range("quantity_sigma", self.quantity_sigma, low=0.0)
-        _check_range("fraction", self.fraction, low=0.0, low_open=True, high=1.0)
-        _check_range("server_lr", self.server_lr, low=0.0, low_open=True)
-        _check_range("server_momentum", self.server_momentum, low=0.0, high=1.0, high_open=True)
-        _check_range("server_beta1", self.server_beta1, low=0.0, high=1.0, high_open=True)
-        _check_range("server_beta2", self.server_beta2, low=0.0, high=1.0, high_open=True)
-        _check_range("server_tau", self.server_tau, low=0.0, low_open=True)
-        _check_range("prox_mu", self.prox_mu, low=0.0)
+        for name, (low, high, low_open, high_open) in BOUNDS.items():
+            _check_range(name, getattr(self, name), low, high, low_open, high_open)
+        self._check_data_file()
+
+    def _check_data_file(self) -> None:
+        """Placeholders are plain config keys, and the filled-in name is a usable path."""
+        name = fill_placeholders(self.data_file, self.to_dict())
+        if not name:
+            raise ConfigError("config key 'data_file' must not be empty")
+        if len(os.fsencode(name)) > MAX_TEXT:
+            raise ConfigError(f"config key 'data_file' gives a path of {len(name):,} characters, more than {MAX_TEXT}")
+        long = next((part for part in Path(name).parts if len(os.fsencode(part)) > 255), None)
+        if long is not None:
+            raise ConfigError(f"config key 'data_file': the name {_show(long)} is longer than 255 bytes")
 
     @property
     def data_path(self) -> Path:
         """The HDF5 file, with `{key}` placeholders in data_file filled from this config."""
-        try:
-            return Path(self.data_file.format(**self.to_dict()))
-        except (KeyError, IndexError, ValueError) as err:
-            raise ConfigError(f"config key 'data_file' has a bad placeholder: {err}") from None
+        return Path(fill_placeholders(self.data_file, self.to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,55 +159,137 @@ class Config:
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def placeholders(template: str) -> list[str]:
+    """The config keys named by `template`'s `{key}` placeholders; anything else in braces is refused.
 
-def _coerce(name: str, type_name: Any, value: Any) -> Any:
-    """Check one value against its field type; ints are accepted for floats."""
+    Only a plain key: str.format would also run attribute and index lookups ({seed.real},
+    {seed[0]}), conversions ({seed!r}) and format specs ({seed:>100000000000} builds a 100 GB string).
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:  # a lone { or }
+        raise ConfigError(f"config key 'data_file' {_show(template)}: {err} (write {{{{ or }}}} for a literal "
+                          f"brace)") from None
+    keys = []
+    for _, key, spec, conversion in parts:
+        if key is None:
+            continue
+        if key in PLACEHOLDER_KEYS and not spec and conversion is None:
+            keys.append(key)
+            continue
+        shown = "{" + key + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        raise ConfigError(f"config key 'data_file' has the placeholder {_show(shown)}: only a plain config key "
+                          f"in braces is allowed, such as {{seed}} or {{nodes}}")
+    return keys
+
+
+def fill_placeholders(template: str, values: dict[str, Any]) -> str:
+    """`template` with each `{key}` replaced by str(values[key]) (checked by `placeholders`)."""
+    placeholders(template)
+    return "".join(literal + ("" if key is None else str(values[key]))
+                   for literal, key, _, _ in string.Formatter().parse(template))
+
+
+def coerce(name: str, type_name: Any, value: Any) -> Any:
+    """`value` as key `name`'s type (int, float, str, Optional[...]), read from text where need be."""
     kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
-    if kind == "Optional[str]":
-        if value is None or isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{name}' must be a string or null, got {value!r}")
-    if kind == "Optional[float]":
+    if kind.startswith("Optional["):
         if value is None:
-            return value
-        kind = "float"
-    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        kind = kind[len("Optional["):-1]
+    if kind == "int":
+        return _int_value(name, value)
+    if kind == "float":
+        return _float_value(name, value)
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError(f"config key '{name}' must be text without NUL bytes, got {_show(value)}")
+        if len(value) > MAX_TEXT:
+            raise ConfigError(f"config key '{name}' must be at most {MAX_TEXT} characters, got {len(value):,}")
         return value
-    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind == "str" and isinstance(value, str):
+    null = " or null" if type_name != "str" else ""
+    raise ConfigError(f"config key '{name}' must be a string{null}, got {_show(value)}")
+
+
+def _int_value(name: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise ConfigError(f"config key '{name}' must be of type {kind}, got {value!r}")
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        number = Decimal(value.strip().replace("_", ""))
+        if number.is_zero():
+            return 0
+        if number.adjusted() > 30:  # beyond every int key's bound: refuse before building a huge int
+            low, high = BOUNDS.get(name, (None, None))[:2]
+            raise ConfigError(f"config key '{name}' must be in {_span(low, high, False, False)}, "
+                              f"got {_show(value.strip())}")
+        if number.adjusted() >= 0 and number == number.to_integral_value():  # adjusted() < 0: 0 < |number| < 1
+            return int(number)
+    raise ConfigError(f"config key '{name}' must be a whole number, got {_show(value)}")
+
+
+def _float_value(name: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond 1e308
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, str):
+        text = value.strip()
+        if NUMBER.fullmatch(text):
+            return float(text.replace("_", ""))
+        if NOT_FINITE.fullmatch(text):  # read, then refused by the bounds with the key named
+            return float(text.replace(".", ""))
+    raise ConfigError(f"config key '{name}' must be a number, got {_show(value)}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {_show(value)}")
+
+
+def _span(low: Any, high: Any, low_open: bool, high_open: bool) -> str:
+    left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+    return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
 
 
 def _check_range(name: str, value: float, low: Optional[float] = None, high: Optional[float] = None,
                  low_open: bool = False, high_open: bool = False) -> None:
-    """Raise ConfigError naming the key unless low <= value <= high (strict where *_open)."""
+    """Raise ConfigError naming the key unless low <= value <= high (strict where *_open); NaN never passes."""
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high or value != value:  # value != value: NaN
-        left = "(" if low_open else "["
-        right = ")" if high_open or high is None else "]"
-        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-        raise ConfigError(f"config key '{name}' must be in {span}, got {value}")
+        raise ConfigError(f"config key '{name}' must be in {_span(low, high, low_open, high_open)}, "
+                          f"got {_show(value)}")
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+PLACEHOLDER_KEYS = frozenset(FIELD_TYPES) - {"data_file"}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ['lr=0.1', 'model=cnn'] into {'lr': 0.1, 'model': 'cnn'}; values are read as YAML scalars."""
+    """Turn ['lr=1e-3', 'model=cnn'] into {'lr': 0.001, 'model': 'cnn'}: each value read by its key's type."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+            raise ConfigError(f"--set expects key=value, got {_show(item)}")
+        if len(raw) > MAX_TEXT:
+            raise ConfigError(f"--set {_show(key)}: the value has {len(raw):,} characters, at most {MAX_TEXT}")
+        kind = FIELD_TYPES.get(key)
+        if kind is None:
+            out[key] = raw  # refused by load_config, which names where it came from
+        elif str(kind).startswith("Optional[") and raw.strip() in NULLS:
+            out[key] = None
+        else:
+            out[key] = coerce(key, kind, raw)
     return out
 
 
@@ -193,23 +298,16 @@ def load_config(path: Optional[str], overrides: Optional[dict[str, Any]] = None)
     values: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
-        where = path
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        where = f"config file {path}"
+        loaded = parse_config_text(read_config_file(path), where)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         values.update(loaded or {})
-    known = {f.name for f in fields(Config)}
     for source, mapping in ((where, values), ("--set", overrides or {})):
         for key in mapping:
-            if key not in known:
-                raise ConfigError(f"unknown config key '{key}' (from {source}); known keys: {', '.join(sorted(known))}")
+            if key not in FIELD_TYPES:
+                raise ConfigError(f"unknown config key {_show(str(key))} (from {source}); known keys: "
+                                  f"{', '.join(sorted(FIELD_TYPES))}")
     values.update(overrides or {})
     return Config(**values)
 

@@ -1,6 +1,8 @@
 """Setting up one rank: device, data on the device, model, engine, baseline, resumed state."""
 from __future__ import annotations
 
+import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -11,16 +13,18 @@ import torch
 from .config import Config
 from .data.partition import node_ranges
 from .data.prepare import check_matches, prepare
-from .data.shards import read_attrs, read_nodes, read_offsets, read_test
+from .data.shards import open_shards, read_attrs, read_nodes, read_offsets, read_test
 from .engine import Engine, make_engine
-from .engine.central import central_baseline
+from .engine.batched import activation_bytes, auto_chunk
+from .engine.central import cache_path, central_baseline, load_cached
 from .engine.models import build_model
 from .engine.params import flatten
+from .errors import ConfigError
 from .fl import server
-from .fl.server import ServerOptimizer
 from .fl.aggregate import node_weights
-from .runtime import checkpoint
-from .runtime.comm import Comm
+from .fl.server import ServerOptimizer
+from .runtime import checkpoint, memory
+from .runtime.comm import Comm, agreed
 from .runtime.device import configure_torch, pick_device, pick_threads
 
 
@@ -56,27 +60,42 @@ def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) 
     return torch.from_numpy(x).to(device).float().mul_(scale), torch.from_numpy(y).to(device)
 
 
+def announce(comm, text: str) -> None:
+    """One progress line on rank 0's stdout (startup can take a minute: say what it is doing)."""
+    if comm.rank == 0:
+        print(text, flush=True)
+
+
+def plural(n: int, word: str) -> str:
+    return word if n == 1 else word + "s"
+
+
 def ensure_data(cfg: Config, comm) -> Path:
     """Rank 0 prepares the shard file when missing; the others wait for it, then all check it."""
-    if comm.rank == 0:
-        prepare(cfg)
-    comm.barrier()
-    check_matches(cfg, cfg.data_path)
+    with agreed(comm):  # rank 0's refusal (no dataset, not enough memory) ends every rank cleanly
+        if comm.rank == 0:
+            prepare(cfg)
+    with agreed(comm):
+        check_matches(cfg, cfg.data_path)
     return cfg.data_path
 
 
 def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     """Load this rank's nodes onto its device and build everything the round loop needs."""
-    device = pick_device(cfg.device, comm.local_rank)
-    configure_torch(pick_threads(cfg.threads, comm.local_size))
+    with agreed(comm):  # a rank without its GPU or with too many threads for its host: every rank ends
+        device = pick_device(cfg.device, comm.local_rank)
+        threads = pick_threads(cfg.threads, comm.local_size)
+    configure_torch(threads)
     mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
     resumed = checkpoint.load_meta(resume_dir, cfg) if resume_dir is not None else None
     path = ensure_data(cfg, comm)
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
+    model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
+    check_memory(cfg, comm, device, model, path, mine, shape)
+    announce(comm, f"reading the shards of {cfg.nodes} nodes ({comm.size} {plural(comm.size, 'rank')}) from {path}")
     train = read_nodes(path, "train", mine.start, mine.stop)
     local = read_nodes(path, "local_test", mine.start, mine.stop)
-    model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
     x, y = to_device(train.x, train.y, scale, device)
     st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start),
               flatten(list(model.parameters())), mine.start, train.counts,
@@ -93,8 +112,45 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
                 everything = read_nodes(path, "train", 0, cfg.nodes)
                 return to_device(everything.x, everything.y, scale, device)
 
+            announce(comm, f"centralized baseline: cached in {cache_path(cfg)}" if load_cached(cfg) else
+                     f"centralized baseline: training {cfg.central_epochs} {plural(cfg.central_epochs, 'epoch')} "
+                     f"on every node's samples")
             st.central = central_baseline(cfg, load_all_shards, *st.test, shape, classes)
+    announce(comm, f"{'resuming at' if st.done_rounds else 'starting'} round {st.done_rounds + 1} of {cfg.rounds}")
     return st
+
+
+def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module, path: Path, mine: range,
+                 shape: tuple) -> None:
+    """Every rank's estimated need against its host's (and GPU's) memory, before any shard is read.
+
+    The reports are allgathered, so every rank decides on the same list: a refusal is raised on all
+    of them alike (everywhere) and the job ends cleanly with rank 0's line.
+    """
+    train, local = read_offsets(path, "train"), read_offsets(path, "local_test")
+    test_rows = 0
+    if comm.rank == 0:
+        with open_shards(path) as f:
+            test_rows = len(f["test/y"])
+    central = int(train[-1]) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None else 0
+    counts, local_counts = np.diff(train[mine.start:mine.stop + 1]), np.diff(local[mine.start:mine.stop + 1])
+    rows = memory.RankRows(len(mine), int(counts.sum()), int(local_counts.sum()), int(counts.max(initial=0)),
+                           int(local_counts.max(initial=0)), test_rows, central)
+    sample = torch.zeros(1, *shape, device=device)
+    chunk = (cfg.chunk_nodes or auto_chunk(model, sample, cfg.batch_size, len(mine))) if cfg.engine == "batched" else 1
+    workers = torch.get_num_threads() if cfg.engine == "batched" and device.type == "cpu" else 1
+    work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
+                       activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
+                       cfg.batch_size, cfg.local_epochs)
+    gpu = device.type == "cuda"
+    report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
+                           memory.rank_parts(rows, work, gpu), memory.host_available(),
+                           torch.cuda.mem_get_info(device)[0] if gpu else None, memory.host_staging(rows, work))
+    problem = memory.refusal(comm.allgather(report))
+    if problem:
+        err = ConfigError(problem)
+        err.everywhere = True  # decided from the allgathered reports: the same on every rank
+        raise err
 
 
 def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, placeholders
 from ..errors import ConfigError, DataError
+from ..runtime.memory import check_prepare
 from .files import clip, quote
 from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import make_parent, write_shards
@@ -66,6 +67,8 @@ def prepare(cfg: Config, force: bool = False) -> Path:
         check_matches(cfg, path)
         return path
     check_preparable(cfg)
+    print(f"preparing the shard file {path} ({cfg.dataset}, {cfg.partition}, {cfg.nodes} nodes x "
+          f"{cfg.samples_per_node} samples)", flush=True)
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
     split = PARTITIONERS[cfg.partition]
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
@@ -82,9 +85,11 @@ def prepare(cfg: Config, force: bool = False) -> Path:
 
 
 def check_preparable(cfg: Config) -> None:
-    """Sizes within the shard file's caps, data_dir readable, the file's directory writable: checked
-    before the raw dataset is loaded (minutes for a large one)."""
+    """Refuse, before the raw dataset is loaded (minutes for a large one), a shard file that cannot be
+    made: beyond the shard file's caps, too big for this host's memory (runtime/memory.py), data_dir
+    unreadable, or nowhere to write it."""
     check_sizes(cfg)
+    check_prepare(cfg.dataset, cfg.nodes, cfg.samples_per_node, cfg.test_per_node)
     if cfg.data_dir and cfg.dataset != "synthetic":
         check_data_dir(cfg.data_dir)
     make_parent(cfg.data_path)
@@ -106,8 +111,28 @@ def check_matches(cfg: Config, path: Path) -> None:
     for key, want in expected_attrs(cfg).items():
         if attrs.get(key) != want:
             raise DataError(f"shard file {path} was made with {key}={quote(attrs.get(key))}, the config says "
-                            f"{quote(want)}; "
-                            f"delete it, choose another data_file, or run `fedmpi prepare --force`")
+                            f"{quote(want)}; " + mismatch_advice(cfg, key))
+
+
+# Shard-file attributes named otherwise in the config; local_test_scheme follows from partition.
+ATTR_KEYS = {"num_nodes": "nodes", "local_test_scheme": "partition"}
+
+
+def mismatch_advice(cfg: Config, attr: str) -> str:
+    """What to do about a shard file made with another value of `attr`.
+
+    Rewriting it (`prepare --force`) is advised only when data_file's name is built from that key:
+    then the name says the config's value and the content is what is wrong. Otherwise the file may
+    well be another config's (a fixed name, or one missing this key), and the safe way out is a name
+    that depends on the key, so each value gets its own file.
+    """
+    key = ATTR_KEYS.get(attr, attr)
+    if attr == "local_test_scheme" or key in placeholders(cfg.data_file):
+        return "delete it, or rewrite it with `fedmpi prepare --force`"
+    stem, dot, suffix = cfg.data_file.rpartition(".")
+    named = f"{stem}-{key}{{{key}}}.{suffix}" if dot and "/" not in suffix else f"{cfg.data_file}-{key}{{{key}}}"
+    return (f"data_file does not depend on {key}, so that file may be another config's: give data_file a "
+            f"{{{key}}} placeholder, e.g. --set data_file='{named}'")
 
 
 def describe(path: Path) -> str:

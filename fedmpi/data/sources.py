@@ -45,23 +45,28 @@ class RawDataset:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzip or raw): magic 0x00 0x00 0x08 ndim, big-endian dims, uint8 data."""
+    """Read one IDX file (gzip or raw): magic 0x00 0x00 0x08 ndim, big-endian dims, uint8 data.
+
+    The header is read first and the data only as far as it says (at most MAX_IDX_BYTES), so a
+    hostile header or a gzip bomb costs no more memory than the data it claims.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read(MAX_IDX_BYTES + 1)
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != 0x08:
+                raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+            head = f.read(4 * magic[3])
+            dims = tuple(int.from_bytes(head[4 * i: 4 * i + 4], "big") for i in range(len(head) // 4))
+            size = math.prod(dims)
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"IDX file {path} unpacks to more than {MAX_IDX_BYTES:,} bytes")
+            data = f.read(size + 1)
     except (OSError, EOFError, ValueError, zlib.error) as err:  # zlib.error: a damaged gzip stream
         raise DataError(f"cannot read IDX file {path}: {reason(err)}") from None
-    if len(data) > MAX_IDX_BYTES:
-        raise DataError(f"IDX file {path} unpacks to more than {MAX_IDX_BYTES:,} bytes")
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if len(data) != header + math.prod(dims):
-        raise DataError(f"{path} is truncated: header says {dims}, file holds {len(data) - header} bytes")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    if len(head) != 4 * magic[3] or len(data) != size:
+        raise DataError(f"{path} is truncated or too long: header says {dims}, file holds {len(data)} bytes of data")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def find_idx_dir(root: Path) -> Optional[Path]:

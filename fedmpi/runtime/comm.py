@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol
 
 import numpy as np
+
+from ..errors import FedmpiError
 
 # Handles from MPICH's mpi.h (not its ABI build): MPIX_C_FLOAT16, MPIX_BFLOAT16.
 MPICH_FLOAT16, MPICH_BFLOAT16 = 0x4C000246, 0x4C00024C
@@ -43,6 +46,7 @@ class Comm(Protocol):
     def gather(self, obj: Any) -> Optional[list]: ...
     def allgather(self, obj: Any) -> list: ...
     def barrier(self) -> None: ...
+    def barrier_within(self, seconds: float) -> bool: ...
     def abort(self, code: int) -> None: ...
     def library_version(self) -> str: ...
 
@@ -70,6 +74,9 @@ class LocalComm:
     def barrier(self) -> None:
         pass
 
+    def barrier_within(self, seconds: float) -> bool:
+        return True
+
     def abort(self, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -80,6 +87,7 @@ class LocalComm:
 
 
 ABORT_GRACE_S = 0.5  # time for the launcher to forward a failing rank's last output
+ENDING_WAIT_S = 30.0  # how long ranks ending together on an agreed error wait for each other
 
 
 class MPIComm:
@@ -130,6 +138,16 @@ class MPIComm:
 
     def barrier(self) -> None:
         self._world.Barrier()
+
+    def barrier_within(self, seconds: float) -> bool:
+        """A barrier that gives up after `seconds` (False): for ending a job, where waiting forever is worse."""
+        request = self._world.Ibarrier()
+        deadline = time.monotonic() + seconds
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def abort(self, code: int) -> None:
         sys.stdout.flush()
@@ -210,14 +228,65 @@ def world() -> Any:
     return _WORLD
 
 
-def fail_job(message: str, code: int) -> None:
+MESSAGE_LIMIT = 1000  # characters of an error line; a hostile value must not print megabytes
+
+
+def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`message` as one printable line: line breaks escaped, cut to `limit` characters."""
+    flat = message.replace("\r", "\\r").replace("\n", "\\n")
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+@contextmanager
+def agreed(comm: Comm) -> Iterator[None]:
+    """Run a block on every rank, then agree on its outcome: a FedmpiError on any rank is raised on every rank.
+
+    The block ends in one allgather of each rank's outcome, so every rank must enter it and the
+    block must hold no collective of its own (a rank that failed early would wait in another one).
+    The error raised afterwards has `everywhere` set, so the job ends cleanly: rank 0 prints it,
+    every rank exits with its code, no MPI_Abort (see errors.FedmpiError). It is the first failing
+    rank's error; `origin` names that rank unless every rank failed alike. Other exceptions pass
+    through untouched: the excepthook aborts the world, which ends the ranks waiting here too.
+    """
+    mine: Optional[FedmpiError] = None
+    try:
+        yield
+    except FedmpiError as err:
+        mine = err
+    outcomes = comm.allgather(None if mine is None else (str(mine), int(mine.exit_code)))
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return
+    failed.sort(key=lambda item: item[1][1] == 0)  # an error before a clean end (--help), else by rank
+    origin, (message, code) = failed[0]
+    err = mine if mine is not None and comm.rank == origin else FedmpiError(message)
+    err.exit_code, err.everywhere = code, True
+    err.origin = None if all(outcome == (message, code) for outcome in outcomes) else origin
+    raise err
+
+
+def fail_job(message: str, code: int, everywhere: bool = False, origin: Optional[int] = None) -> None:
     """Print one error line and end every rank of the job with `code`.
 
-    When all ranks hit the same error (a bad config), the others pause so rank 0's abort
-    ends them before they print: one line, not one per rank. A rank that fails alone still
-    prints and aborts the world, so nobody waits forever in a collective.
+    everywhere (the error came out of `agreed`, every rank holds it): rank 0 prints the line and
+    every rank exits with `code`; MPI is finalized normally, so MPICH prints no `Abort(...)` line and
+    the launcher returns `code`. Otherwise this rank may have failed alone while the others wait for
+    it in a collective: it prints the line naming itself and aborts the world. The other ranks pause
+    first, so when all of them do hit the same error outside an agreement point, rank 0's abort ends
+    them before they print: one line, not one per rank.
     """
     comm = world()
+    message = one_line(message)
+    if everywhere:
+        if comm.rank == 0 and message:  # no message: --help or --version, already printed
+            where = f" (rank {origin}/{comm.size})" if origin is not None and comm.size > 1 else ""
+            print(f"fedmpi: error{where}: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Nobody exits before rank 0 has printed: Open MPI's mpirun kills the other ranks as soon as one
+        # exits non-zero. Should a rank be missing (a bug: everywhere without agreement), abort after all.
+        if not comm.barrier_within(ENDING_WAIT_S):
+            comm.abort(code)
+        sys.exit(code)
     if comm.size > 1 and comm.rank != 0:
         time.sleep(1.0)
     prefix = f"fedmpi: error (rank {comm.rank}/{comm.size}): " if comm.size > 1 else "fedmpi: error: "

@@ -27,8 +27,15 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+THREADS_PER_CPU = 4  # beyond this, threads only add switching; the batched engine runs one chunk per thread
+
+
 def pick_threads(setting: int, ranks_on_host: int) -> int:
     """Torch threads per rank: the setting, or the host's cores shared out among its ranks (at least 1)."""
+    cpus = os.cpu_count() or 1
+    if setting > THREADS_PER_CPU * cpus:
+        raise ConfigError(f"config key 'threads' is {setting}, more than {THREADS_PER_CPU} per logical CPU of this "
+                          f"host ({cpus}); use at most {THREADS_PER_CPU * cpus}, or 0 to share the cores out")
     return setting if setting > 0 else max(1, host_cores() // max(1, ranks_on_host))
 
 

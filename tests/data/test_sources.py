@@ -103,6 +103,13 @@ def test_idx_labels_outside_0_to_9_are_refused(tmp_path):
         load_dataset("mnist", str(tmp_path))
 
 
+def test_a_truncated_idx_file_is_refused(tmp_path):
+    path = write_idx(tmp_path / "a-idx3-ubyte", np.zeros((50, 10, 10)), compress=False)
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(DataError, match="is truncated or too long"):
+        read_idx(path)
+
+
 def test_an_idx_file_unpacking_beyond_the_cap_is_refused(tmp_path, monkeypatch):
     path = write_idx(tmp_path / "a-idx3-ubyte", np.zeros((50, 10, 10)), compress=True)  # 5 kB of zeros, unpacked
     monkeypatch.setattr(sources, "MAX_IDX_BYTES", 4096)
@@ -114,7 +121,7 @@ def test_idx_dimensions_whose_product_overflows_int64_do_not_pass_as_the_right_s
     path = tmp_path / "a-idx3-ubyte"
     # 2^32-1 cubed wraps to a small number in int64 arithmetic; the true product is astronomically large.
     path.write_bytes(bytes([0, 0, 8, 4]) + (2**32 - 1).to_bytes(4, "big") * 3 + (1).to_bytes(4, "big") + b"\0" * 64)
-    with pytest.raises(DataError, match="is truncated"):
+    with pytest.raises(DataError, match="unpacks to more than"):
         read_idx(path)
 
 
