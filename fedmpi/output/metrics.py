@@ -111,8 +111,8 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
     t_wait, t_transfer = split_collective(np.array([r["t_collective"] for r in per_rank]))
     nodes = [n for r in per_rank for n in r["nodes"]]
     central = central or {}
-    row = dict(round=rnd, test_acc=test[0], test_loss=test[1],
-               central_acc=(central.get("test_acc") or [None])[-1], central_loss=(central.get("test_loss") or [None])[-1],
+    row = dict(round=rnd, test_acc=test[0], test_loss=test[1], central_acc=(central.get("test_acc") or [None])[-1],
+               central_loss=(central.get("test_loss") or [None])[-1],
                t_round=t_round, t_train_max=float(t_train.max()), t_train_mean=float(t_train.mean()),
                t_wait=float(t_wait.mean()), t_wait_max=float(t_wait.max()),
                t_allreduce=t_transfer, t_eval=t_eval,
@@ -134,6 +134,8 @@ def describe_round(row: dict, rounds: int) -> str:
     acc = "  -   " if row["test_acc"] is None else f"{row['test_acc']:.4f}"
     central = "" if row["central_acc"] is None else f"  central {row['central_acc']:.4f}"
     dropped = f"  dropped {row['nodes_dropped']}" if row.get("nodes_dropped") else ""
-    return (f"round {row['round']:>3}/{rounds}  test_acc {acc}{central}  local_acc {row['local_acc_mean'] or 0:.4f}"
+    # No local test splits (test_per_node 0), or every node dropped: nothing was scored.
+    local = "  -   " if row["local_acc_mean"] is None else f"{row['local_acc_mean']:.4f}"
+    return (f"round {row['round']:>3}/{rounds}  test_acc {acc}{central}  local_acc {local}"
             f"  t {row['t_round']:.2f}s (train max {row['t_train_max']:.2f}, wait {row['t_wait']:.3f},"
             f" allreduce {row['t_allreduce'] * 1e3:.1f} ms)  payload {row['payload_bytes']:,} B{dropped}")
