@@ -70,6 +70,7 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.nda
         # anyway): one pass over the chunk, no [k, P] boolean tensor.
         finite = torch.isfinite(chunk.params.sum(dim=1))
         finite_host = finite.cpu().numpy()
+        local_acc[ks[~finite_host]] = np.nan  # a dropped node has no local model to score
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
         update.add(chunk.params[finite], st.weights[ks[finite_host]])
         progress(st, ks[-1] + 1)
