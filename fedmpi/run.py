@@ -14,10 +14,11 @@ import torch
 
 from . import __version__
 from .config import Config, save_config
+from .data.partition import node_ranges
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.params import load_flat
 from .errors import FedmpiError
-from .fl.aggregate import UpdateSum, summed_update, trailer
+from .fl.aggregate import UpdateSum, Wire, summed_update, trailer
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
 from .output.metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
@@ -118,14 +119,20 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
 def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, stop: bool, selected: np.ndarray) -> tuple:
     """Allreduce(SUM) of [updates, weight, dropped, stop votes] (a rank without selected nodes sends
     zeros), then move the main model; returns the buffer, timings, dropped total, agreed stop."""
-    cfg = st.cfg
-    buf = update.pack(dropped, stop, cfg.update_dtype, float(st.all_weights[selected].sum()))
-    timing = st.comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
-    _, dropped_total, stop_all = trailer(buf, cfg.update_dtype)
+    cfg, comm = st.cfg, st.comm
+    most_nodes = len(node_ranges(cfg.nodes, comm.size)[0])  # rank 0 holds the largest block
+    wire = Wire(cfg.update_dtype, comm.size, comm.rank, most_nodes)
+    buf = update.pack(dropped, stop, wire, float(st.all_weights[selected].sum()))
+    timing = comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
+    _, dropped_total, stop_all = trailer(buf, wire)
     if dropped_total > cfg.max_dropped_fraction * len(selected):
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
-    st.main = st.server.step(st.main, *summed_update(buf, cfg.update_dtype))
+    if dropped_total < len(selected):
+        st.main = st.server.step(st.main, *summed_update(buf, wire))
+    elif comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node: nothing to average
+        print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "
+              f"optimizer stay as they were", file=sys.stderr, flush=True)
     return buf, timing, dropped_total, stop_all
 
 
