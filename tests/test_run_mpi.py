@@ -88,7 +88,7 @@ def test_run_prepares_a_missing_shard_file_on_rank_0(tmp_path):
 
 
 def test_an_exception_on_one_rank_ends_the_whole_job_quickly(small_data, tmp_path):
-    result = fedmpi(["run", "--set", *SMALL, small_data, "--out", str(tmp_path)], ranks=3, timeout=60,
+    result = fedmpi(["run", "--set", *SMALL, small_data, "--out", str(tmp_path)], ranks=3, timeout=180,
                     env={"FEDMPI_FAULT": "raise:rank=1:round=2"})
     assert result.returncode != 0
     assert result.stderr.count("injected fault (FEDMPI_FAULT) on rank 1 in round 2") == 1
@@ -105,7 +105,7 @@ def test_bad_input_gives_one_line_and_exit_code_2_on_every_rank_count(small_data
     full = ["run", "--set", *SMALL, small_data] if "nodes=2" in args else ["run"]
     if "data_dir=/nonexistent/dir" in args:
         full = ["run", "--set", *SMALL, f"data_file={tmp_path}/absent.h5"]
-    result = fedmpi(full + args + ["--out", str(tmp_path)], ranks=3, timeout=60)
+    result = fedmpi(full + args + ["--out", str(tmp_path)], ranks=3, timeout=180)
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("fedmpi: error")]
     assert len(errors) == 1 and message in errors[0], result.stderr
