@@ -21,7 +21,7 @@ from .fl.server import ServerOptimizer
 from .fl.aggregate import node_weights
 from .runtime import checkpoint
 from .runtime.comm import Comm
-from .runtime.device import configure_torch, pick_device, pick_threads
+from .runtime.device import configure_torch, pick_device, pick_threads, ranks_on_device
 
 
 @dataclass
@@ -78,7 +78,8 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     local = read_nodes(path, "local_test", mine.start, mine.stop)
     model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
     x, y = to_device(train.x, train.y, scale, device)
-    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start),
+    sharing = ranks_on_device(device, comm.local_rank, comm.local_size)
+    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start, sharing),
               flatten(list(model.parameters())), mine.start, train.counts,
               node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
     st.all_weights = node_weights(cfg.aggregation, np.diff(read_offsets(path, "train")))

@@ -259,3 +259,13 @@ def test_autocast_key_is_checked_and_its_values_survive_yaml(tmp_path):
         (tmp_path / "job.yaml").write_text(f"autocast: {value}\n")
         assert load_config(str(tmp_path / "job.yaml")).autocast == value
         assert load_config(None, parse_overrides([f"autocast={value}"])).autocast == value
+
+
+def test_the_ranks_sharing_the_device_reach_the_chunk_budget(monkeypatch):
+    import fedmpi.engine.batched as batched
+
+    seen = []
+    monkeypatch.setattr(batched, "auto_chunk", lambda *args: seen.append(args[4:]) or 2)
+    x, y, offsets = shards(EQUAL)
+    engine = make_engine(Config(), build_model("2nn", SHAPE, 10, 0), x, y, offsets, 0, 3)
+    assert engine.chunk == 2 and seen == [(3,)]
