@@ -44,6 +44,7 @@ class Rank:
     rows: Optional[list] = None   # metrics rows so far, rank 0 only
     all_weights: Optional[np.ndarray] = None  # aggregation weight of every node (the round's total weight)
     server: Optional[ServerOptimizer] = None  # the server optimizer applied to the mean update
+    clock_zero: float = 0.0       # perf_counter() reading at which the run's wall time (t_elapsed) was 0
 
     @property
     def end(self) -> int:

@@ -21,7 +21,7 @@ from .errors import FedmpiError
 from .fl.aggregate import UpdateSum, Wire, summed_update, trailer
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
-from .output.metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
+from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_nodes_csv
 from .rank import Rank, setup
 from .runtime import checkpoint, faults
 from .runtime.stop import StopFlag
@@ -112,7 +112,7 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
     row.update(nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
-               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes)
+               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, t_elapsed=time.perf_counter() - st.clock_zero)
     return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
 
 
@@ -170,11 +170,13 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
 
 def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
     """The whole job on this rank; returns the exit code (0, or 75 when stopped by a signal)."""
+    started = time.perf_counter()
     stop = StopFlag().install()
     if comm.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     st = setup(cfg, comm, run_dir if resume else None)
+    st.clock_zero = started - elapsed_before(st.rows)
     run_info(st, run_dir)
     writer = MetricsWriter(run_dir, st.rows) if comm.rank == 0 else None
     if st.central is not None:

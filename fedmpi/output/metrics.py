@@ -122,6 +122,15 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
     return row
 
 
+def elapsed_before(rows: Optional[list]) -> float:
+    """t_elapsed of a resumed run's last row (0 for a new run): the next rows count on from there, so
+    t_elapsed is the wall time of all the work behind the rows, whatever the number of restarts."""
+    last = rows[-1] if rows and isinstance(rows[-1], dict) else {}
+    value = last.get("t_elapsed")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
+
+
 def split_collective(t_collective: np.ndarray) -> tuple[np.ndarray, float]:
     """Each rank's wait for the last arrival, and the transfer: the last rank to arrive waits least,
     so the smallest time in the collective is the transfer and the excess over it is waiting."""
