@@ -73,6 +73,7 @@ class Config:
     server_tau: float = 1e-3
     prox_mu: float = 0.0
     update_dtype: str = "fp32"
+    tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -148,6 +149,8 @@ def _coerce(name: str, type_name: Any, value: Any) -> Any:
         if value is None:
             return value
         kind = "float"
+    if kind == "bool" and isinstance(value, bool):
+        return value
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):

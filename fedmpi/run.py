@@ -21,7 +21,9 @@ from .errors import FedmpiError
 from .fl.aggregate import UpdateSum, Wire, summed_update, trailer
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
+from .output import tensorboard
 from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_nodes_csv
+from .output.tensorboard import TensorBoardWriter
 from .rank import Rank, setup
 from .runtime import checkpoint, faults
 from .runtime.stop import StopFlag
@@ -157,12 +159,16 @@ def run_info(st: Rank, run_dir: Path) -> None:
     (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult) -> None:
-    """Rank 0: append the row, print one line, keep nodes.csv of the last evaluated round."""
+def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult,
+           board: Optional[TensorBoardWriter] = None) -> None:
+    """Rank 0: append the row (and its scalars to TensorBoard), print one line, keep nodes.csv of the
+    last evaluated round."""
     if result.row is None:
         return
     st.rows.append(result.row)
     writer.write(result.row)
+    if board is not None:
+        board.write(result.row)
     print(("\r" if sys.stderr.isatty() else "") + describe_round(result.row, st.cfg.rounds), flush=True)
     if result.row["test_acc"] is not None:
         write_nodes_csv(run_dir / "nodes.csv", result.nodes)
@@ -171,6 +177,8 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
 def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
     """The whole job on this rank; returns the exit code (0, or 75 when stopped by a signal)."""
     started = time.perf_counter()
+    if cfg.tensorboard:
+        tensorboard.require()  # on every rank, before anything is written: the same one line everywhere
     stop = StopFlag().install()
     if comm.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -179,12 +187,13 @@ def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
     st.clock_zero = started - elapsed_before(st.rows)
     run_info(st, run_dir)
     writer = MetricsWriter(run_dir, st.rows) if comm.rank == 0 else None
+    board = TensorBoardWriter(run_dir, st.rows) if comm.rank == 0 and cfg.tensorboard else None
     if st.central is not None:
         (run_dir / "central.json").write_text(json.dumps(st.central, indent=2) + "\n")
     comm.barrier()  # rank 0 may have trained the baseline: keep that wait out of round 1's t_wait
     for rnd in range(st.done_rounds + 1, cfg.rounds + 1):
         result = run_round(st, rnd, stop)
-        record(st, run_dir, writer, result)
+        record(st, run_dir, writer, result, board)
         if result.stop or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
             checkpoint.save(run_dir, comm, cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
                             st.first, st.rows)
