@@ -17,8 +17,8 @@ from .engine.central import central_baseline
 from .engine.models import build_model
 from .engine.params import flatten
 from .fl import server
-from .fl.server import ServerOptimizer
 from .fl.aggregate import node_weights
+from .fl.server import ServerOptimizer
 from .runtime import checkpoint
 from .runtime.comm import Comm
 from .runtime.device import configure_torch, pick_device, pick_threads, ranks_on_device
