@@ -13,7 +13,8 @@ setup(
     extras_require={
         "mpich": ["mpich"],
         "report": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "hypothesis", "matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["fedmpi=fedmpi.cli:main"]},
 )

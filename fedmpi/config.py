@@ -122,6 +122,7 @@ class Config:
     server_tau: float = 1e-3
     prox_mu: float = 0.0
     update_dtype: str = "fp32"
+    tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -201,6 +202,8 @@ def coerce(name: str, type_name: Any, value: Any) -> Any:
         return _int_value(name, value)
     if kind == "float":
         return _float_value(name, value)
+    if kind == "bool":
+        return _bool_value(name, value)
     if isinstance(value, str):
         if "\x00" in value:
             raise ConfigError(f"config key '{name}' must be text without NUL bytes, got {_show(value)}")
@@ -242,6 +245,14 @@ def _float_value(name: str, value: Any) -> float:
         if NOT_FINITE.fullmatch(text):  # read, then refused by the bounds with the key named
             return float(text.replace(".", ""))
     raise ConfigError(f"config key '{name}' must be a number, got {_show(value)}")
+
+
+def _bool_value(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"config key '{name}' must be true or false, got {_show(value)}")
 
 
 def _show(value: Any, limit: int = 60) -> str:

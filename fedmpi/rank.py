@@ -25,7 +25,7 @@ from .fl.aggregate import node_weights
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory
 from .runtime.comm import Comm, agreed
-from .runtime.device import configure_torch, pick_device, pick_threads
+from .runtime.device import configure_torch, pick_device, pick_threads, ranks_on_device
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Rank:
     rows: Optional[list] = None   # metrics rows so far, rank 0 only
     all_weights: Optional[np.ndarray] = None  # aggregation weight of every node (the round's total weight)
     server: Optional[ServerOptimizer] = None  # the server optimizer applied to the mean update
+    clock_zero: float = 0.0       # perf_counter() reading at which the run's wall time (t_elapsed) was 0
 
     @property
     def end(self) -> int:
@@ -97,7 +98,8 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     train = read_nodes(path, "train", mine.start, mine.stop)
     local = read_nodes(path, "local_test", mine.start, mine.stop)
     x, y = to_device(train.x, train.y, scale, device)
-    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start),
+    sharing = ranks_on_device(device, comm.local_rank, comm.local_size)
+    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start, sharing),
               flatten(list(model.parameters())), mine.start, train.counts,
               node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
     st.all_weights = node_weights(cfg.aggregation, np.diff(read_offsets(path, "train")))

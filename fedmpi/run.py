@@ -14,13 +14,16 @@ import torch
 
 from . import __version__
 from .config import Config, save_config
+from .data.partition import node_ranges
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.params import load_flat
 from .errors import FedmpiError
-from .fl.aggregate import UpdateSum, summed_update, trailer
+from .fl.aggregate import UpdateSum, Wire, summed_update, trailer
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
-from .output.metrics import MetricsWriter, describe_round, metrics_row, write_nodes_csv
+from .output import tensorboard
+from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_nodes_csv
+from .output.tensorboard import TensorBoardWriter
 from .rank import Rank, setup
 from .runtime import checkpoint, faults
 from .runtime.stop import StopFlag
@@ -70,6 +73,7 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.nda
         # anyway): one pass over the chunk, no [k, P] boolean tensor.
         finite = torch.isfinite(chunk.params.sum(dim=1))
         finite_host = finite.cpu().numpy()
+        local_acc[ks[~finite_host]] = np.nan  # a dropped node has no local model to score
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
         update.add(chunk.params[finite], st.weights[ks[finite_host]])
         progress(st, ks[-1] + 1)
@@ -110,21 +114,27 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
     row.update(nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
-               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes)
+               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, t_elapsed=time.perf_counter() - st.clock_zero)
     return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
 
 
 def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, stop: bool, selected: np.ndarray) -> tuple:
     """Allreduce(SUM) of [updates, weight, dropped, stop votes] (a rank without selected nodes sends
     zeros), then move the main model; returns the buffer, timings, dropped total, agreed stop."""
-    cfg = st.cfg
-    buf = update.pack(dropped, stop, cfg.update_dtype, float(st.all_weights[selected].sum()))
-    timing = st.comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
-    _, dropped_total, stop_all = trailer(buf, cfg.update_dtype)
+    cfg, comm = st.cfg, st.comm
+    most_nodes = len(node_ranges(cfg.nodes, comm.size)[0])  # rank 0 holds the largest block
+    wire = Wire(cfg.update_dtype, comm.size, comm.rank, most_nodes)
+    buf = update.pack(dropped, stop, wire, float(st.all_weights[selected].sum()))
+    timing = comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
+    _, dropped_total, stop_all = trailer(buf, wire)
     if dropped_total > cfg.max_dropped_fraction * len(selected):
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
-    st.main = st.server.step(st.main, *summed_update(buf, cfg.update_dtype))
+    if dropped_total < len(selected):
+        st.main = st.server.step(st.main, *summed_update(buf, wire))
+    elif comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node: nothing to average
+        print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "
+              f"optimizer stay as they were", file=sys.stderr, flush=True)
     return buf, timing, dropped_total, stop_all
 
 
@@ -149,12 +159,16 @@ def run_info(st: Rank, run_dir: Path) -> None:
     (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult) -> None:
-    """Rank 0: append the row, print one line, keep nodes.csv of the last evaluated round."""
+def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult,
+           board: Optional[TensorBoardWriter] = None) -> None:
+    """Rank 0: append the row (and its scalars to TensorBoard), print one line, keep nodes.csv of the
+    last evaluated round."""
     if result.row is None:
         return
     st.rows.append(result.row)
     writer.write(result.row)
+    if board is not None:
+        board.write(result.row)
     print(("\r" if sys.stderr.isatty() else "") + describe_round(result.row, st.cfg.rounds), flush=True)
     if result.row["test_acc"] is not None:
         write_nodes_csv(run_dir / "nodes.csv", result.nodes)
@@ -162,19 +176,24 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
 
 def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
     """The whole job on this rank; returns the exit code (0, or 75 when stopped by a signal)."""
+    started = time.perf_counter()
+    if cfg.tensorboard:
+        tensorboard.require()  # on every rank, before anything is written: the same one line everywhere
     stop = StopFlag().install()
     if comm.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     st = setup(cfg, comm, run_dir if resume else None)
+    st.clock_zero = started - elapsed_before(st.rows)
     run_info(st, run_dir)
     writer = MetricsWriter(run_dir, st.rows) if comm.rank == 0 else None
+    board = TensorBoardWriter(run_dir, st.rows) if comm.rank == 0 and cfg.tensorboard else None
     if st.central is not None:
         (run_dir / "central.json").write_text(json.dumps(st.central, indent=2) + "\n")
     comm.barrier()  # rank 0 may have trained the baseline: keep that wait out of round 1's t_wait
     for rnd in range(st.done_rounds + 1, cfg.rounds + 1):
         result = run_round(st, rnd, stop)
-        record(st, run_dir, writer, result)
+        record(st, run_dir, writer, result, board)
         if result.stop or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
             checkpoint.save(run_dir, comm, cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
                             st.first, st.rows)

@@ -4,7 +4,7 @@
 
 Nodes of the tutorial's size (450 images of 28x28, 2nn, batch 32) on random data held once on
 the device: the chunk size comes from the memory budget as in a real run, so this shows whether
-N nodes fit (the issue's 1,000 nodes on one GPU) and what a round of them costs. Prints one
+N nodes fit (the goal: 1,000 nodes on one GPU) and what a round of them costs. Prints one
 JSON line: nodes, chunk, seconds per round, ms per node-epoch, peak memory.
 """
 from __future__ import annotations

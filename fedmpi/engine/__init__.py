@@ -25,6 +25,8 @@ ENGINES: dict[str, type] = {"sequential": SequentialEngine, "batched": BatchedEn
 
 
 def make_engine(cfg, model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: np.ndarray,
-                first_node: int) -> Engine:
-    """The engine named by cfg.engine."""
+                first_node: int, ranks_on_device: int = 1) -> Engine:
+    """The engine named by cfg.engine; `ranks_on_device` ranks share this rank's GPU (batched: its memory budget)."""
+    if cfg.engine == "batched":
+        return BatchedEngine(model, x, y, offsets, first_node, cfg, ranks_on_device)
     return ENGINES[cfg.engine](model, x, y, offsets, first_node, cfg)

@@ -26,16 +26,22 @@ from .vmap import VmapKernel
 # size of the last-level cache: measured on a 2-core EPYC (32 MiB L3), K=16..32 was fastest for
 # the 2nn, larger chunks spill to DRAM on every step and get slower again.
 CPU_CHUNK_BYTES = 48 << 20
-GPU_MEMORY_SHARE = 0.25  # of free device memory; leaves room for evaluation and the allocator
+GPU_MEMORY_SHARE = 0.25  # of free device memory, for all the ranks on it; leaves room for evaluation and the allocator
 
 
-def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int) -> int:
+def gpu_chunk_budget(free_bytes: int, ranks_on_device: int) -> float:
+    """Bytes one rank's chunk may take on its GPU: the share of free memory, split among the ranks
+    that use that GPU (each sees the same free memory, so each taking the whole share oversubscribes)."""
+    return GPU_MEMORY_SHARE * free_bytes / max(1, ranks_on_device)
+
+
+def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int, ranks_on_device: int = 1) -> int:
     """Nodes per chunk from a memory budget: the cache on a CPU, a share of free memory on a GPU."""
     size = sum(p.numel() for p in model.parameters()) * x.element_size()
     per_node = 3 * size + batch_size * activation_bytes(model, x)  # params, momentum, grads
     if x.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(x.device)
-        budget = GPU_MEMORY_SHARE * free
+        budget = gpu_chunk_budget(free, ranks_on_device)
     else:
         budget = CPU_CHUNK_BYTES
     return int(max(1, min(nodes, budget // per_node)))
@@ -65,7 +71,7 @@ class BatchedEngine:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, offsets: np.ndarray,
-                 first_node: int, cfg) -> None:
+                 first_node: int, cfg, ranks_on_device: int = 1) -> None:
         self.model, self.x, self.y, self.cfg = model, x, y, cfg
         self.offsets, self.first_node = offsets, first_node
         nodes = len(offsets) - 1
@@ -75,7 +81,9 @@ class BatchedEngine:
         dtype = compute_dtype(cfg)
         self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype)
         chunk = getattr(cfg, "chunk_nodes", 0)
-        self.chunk = chunk if chunk > 0 else (auto_chunk(model, x, cfg.batch_size, nodes) if len(x) else 1)
+        if chunk <= 0:
+            chunk = auto_chunk(model, x, cfg.batch_size, nodes, ranks_on_device) if len(x) else 1
+        self.chunk = chunk
         self.workers = torch.get_num_threads() if x.device.type == "cpu" else 1
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:

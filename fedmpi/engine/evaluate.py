@@ -13,7 +13,8 @@ EVAL_BATCH = 2048
 
 
 @torch.no_grad()
-def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample correctness (bool) and cross-entropy loss of the model with parameters `flat`."""
     names = [n for n, _ in model.named_parameters()]
     params = dict(zip(names, views(flat, list(model.parameters()))))

@@ -19,7 +19,7 @@ from .sequential import batch_generator
 class Plan:
     """One round's batch schedule for a chunk: S steps of K nodes x B rows."""
 
-    idx: torch.Tensor        # [S, K, B] int64 rows of x (padding points at a real row)
+    idx: torch.Tensor        # [S, K, B] int64 rows of x (padding points at a real row: the node's first, else row 0)
     weight: torch.Tensor     # [S, K, B] 1/batch size on real rows, 0 on padding
     active: torch.Tensor     # [S, K] 1.0 where the node takes this step
     full: np.ndarray         # [S] bool, host side: every node steps (the fast path)
@@ -36,11 +36,14 @@ def make_plan(offsets: np.ndarray, rows: np.ndarray, first_node: int, cfg, rnd: 
     real = np.zeros((S, K, B), dtype=bool)
     for j, k in enumerate(rows):
         n, start = int(counts[j]), int(offsets[k])
+        # Padding must index a real row even for a node without data, whose offset may be one past
+        # the last row (a zero-sample node at the end of the block); its weight is 0 either way.
+        pad = start if n else 0
         gen = batch_generator(cfg.seed, first_node + int(k), rnd)
         for e in range(E):
             # The epoch's order laid flat over its steps: row t goes to step t // B, slot t % B.
-            order = np.full(per_epoch * B, start, dtype=np.int64)
-            order[:n] += torch.randperm(n, generator=gen).numpy()
+            order = np.full(per_epoch * B, pad, dtype=np.int64)
+            order[:n] = start + torch.randperm(n, generator=gen).numpy()
             idx[e * per_epoch:(e + 1) * per_epoch, j] = order.reshape(per_epoch, B)
             real[e * per_epoch:(e + 1) * per_epoch, j] = (np.arange(per_epoch * B) < n).reshape(per_epoch, B)
     size = real.sum(2)

@@ -7,13 +7,22 @@ the dropped count and on stopping without another round trip; `apply_update` div
 the mean update to the main model in one pass. Summing updates rather than weights keeps the
 rounding error of the float32 sums at the scale of the update, far below the weights' own last
 bit, so the result hardly depends on how many ranks took part.
+
+What the trailer's sums are worth: float32 holds every count up to 2^24 nodes exactly. In fp16
+and bf16 (integers exact only to 2048 and 256) the dropped count travels as small digits
+(compress.CountCode), exact at any rank and node count. The stop vote is one slot: a sum of
+non-negative votes rounds to at least its largest vote, so "some rank voted" is always read
+right. The weight share (the included share of the round's weight) is a fraction carrying the
+codec's own rounding, like the update it rescales.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .compress import decode, encode
+from .compress import CountCode, count_code, decode, decode_count, encode, encode_count
 
 
 def node_weights(aggregation: str, samples: np.ndarray) -> np.ndarray:
@@ -23,6 +32,32 @@ def node_weights(aggregation: str, samples: np.ndarray) -> np.ndarray:
     if aggregation == "weighted":
         return np.asarray(samples, dtype=np.float64)
     raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+TRAILER = 3  # fp32: weight, dropped, stop
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How a rank's buffer travels: its dtype and, for fp16/bf16, who sends it among how many
+    ranks holding at most `most_nodes` nodes each (the layout of the exact dropped count)."""
+
+    dtype: str = "fp32"
+    ranks: int = 1
+    rank: int = 0
+    most_nodes: int = 1
+
+    @property
+    def code(self) -> CountCode:
+        return count_code(self.dtype, self.ranks, self.most_nodes)
+
+    @property
+    def tail(self) -> int:
+        """Values after the update: fp32 [weight, dropped, stop]; fp16/bf16 [share, count slots, stop]."""
+        return TRAILER if self.dtype == "fp32" else 2 + self.code.slots
+
+
+FP32 = Wire()
 
 
 class UpdateSum:
@@ -49,50 +84,49 @@ class UpdateSum:
             self.total.addmv_((params.float() - self.main.float()).t(), w)
             self.weight += float(np.sum(weights))
 
-    def pack(self, dropped: int = 0, stop: bool = False, dtype: str = "fp32", round_weight: float = 1.0) -> np.ndarray:
-        """The collective's payload: [updates, weight, dropped nodes, stop vote] (P + 3 values).
+    def pack(self, dropped: int = 0, stop: bool = False, wire: Wire = FP32, round_weight: float = 1.0) -> np.ndarray:
+        """The collective's payload: the updates, then the trailer (`Wire.tail` values).
 
         fp32: the payload itself (the Allreduce sums it in place), divided after the Allreduce.
         fp16/bf16: the sum divided by the round's total weight first (known on every rank), so
         the values sit at the update's own scale, well inside fp16's range, and the buffer sums
-        to the mean update itself.
+        to the mean update itself; the dropped count as exact digits.
         """
         size = self.main.numel()
-        if dtype == "fp32":
+        if wire.dtype == "fp32":
             if self.total.data_ptr() != self.payload.data_ptr():
                 self.payload[:size].copy_(self.total)
             buf = self.payload.numpy()
             buf[size:] = (self.weight, dropped, float(stop))
             return buf
-        tail = torch.tensor([self.weight / round_weight, dropped, float(stop)], dtype=torch.float64,
-                            device=self.total.device)
-        return encode(torch.cat([self.total.double() / round_weight, tail]), dtype)
+        count = encode_count(dropped, wire.rank, wire.code)
+        tail = torch.from_numpy(np.concatenate([[self.weight / round_weight], count, [float(stop)]]))
+        return encode(torch.cat([self.total.double() / round_weight, tail.to(self.total.device)]), wire.dtype)
 
 
-TRAILER = 3
-
-
-def trailer(reduced: np.ndarray, dtype: str = "fp32") -> tuple[float, int, bool]:
+def trailer(reduced: np.ndarray, wire: Wire = FP32) -> tuple[float, int, bool]:
     """(total weight, nodes dropped, any rank voted to stop) from an all-reduced buffer.
 
     Compressed buffers carry the weight as the share of the round's weight that took part.
     """
-    values = reduced[-TRAILER:] if dtype == "fp32" else decode(reduced[-TRAILER:], dtype).numpy()
-    weight, dropped, stop = (float(v) for v in values)
-    return weight, int(round(dropped)), stop > 0
+    if wire.dtype == "fp32":
+        weight, dropped, stop = (float(v) for v in reduced[-TRAILER:])
+        return weight, int(round(dropped)), stop > 0
+    values = decode(reduced[-wire.tail:], wire.dtype).numpy()
+    return float(values[0]), decode_count(values[1:-1], wire.code), bool(values[-1] > 0)
 
 
-def summed_update(reduced: np.ndarray, dtype: str = "fp32") -> tuple[torch.Tensor, float]:
+def summed_update(reduced: np.ndarray, wire: Wire = FP32) -> tuple[torch.Tensor, float]:
     """(u, s) with the round's mean update = s * u, with no pass over the buffer: for fp32, u is
     the all-reduced sum itself (a view) and s = 1 / total weight."""
-    weight, dropped, _ = trailer(reduced, dtype)
+    weight, dropped, _ = trailer(reduced, wire)
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
-    if dtype == "fp32":
+    if wire.dtype == "fp32":
         return torch.from_numpy(reduced[:-TRAILER]), 1.0 / weight
     # Pre-divided by the whole round's weight: rescale only when dropped nodes left a share out,
     # since the half-precision share itself carries rounding error.
-    return decode(reduced[:-TRAILER], dtype), (1.0 / weight if dropped else 1.0)
+    return decode(reduced[:-wire.tail], wire.dtype), (1.0 / weight if dropped else 1.0)
 
 
 def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:

@@ -9,8 +9,13 @@ fp16: numpy float16; mpi4py sends it as MPIX_C_FLOAT16 under MPICH, which sums i
 bf16: numpy has no bfloat16, so the bits travel as uint16. MPI's SUM on uint16 would add the bit
 patterns as integers, which is not a bf16 sum: comm.py sums them as MPIX_BFLOAT16 where MPICH
 offers it, else with a user-defined op built on `bf16_add_into` below.
+
+Counts in the same buffer (the nodes dropped in a round) would be exact only up to 2048 (fp16)
+or 256 (bf16): `CountCode` sends them as small digits instead, exact at any rank count.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +25,9 @@ ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 # Unit roundoff: one encode moves a value by at most this relative amount (normal range).
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Every integer 0..2^p is exact in a format with p significant bits, and so is the sum of two such
+# integers while it stays within that range: fp16 has 11, bf16 8 (float32 24).
+EXACT_INTEGERS = {"fp32": 2 ** 24, "fp16": 2 ** 11, "bf16": 2 ** 8}
 
 
 def _check(dtype: str) -> None:
@@ -84,3 +92,51 @@ def fp16_add_into(inbuf: np.ndarray, inout: np.ndarray) -> None:
 def bf16_add_into(inbuf: np.ndarray, inout: np.ndarray) -> None:
     """inout = bf16(inbuf + inout), both bf16 bits (uint16): the body of MPI's user-defined bf16 SUM."""
     inout[:] = f32_to_bf16(bf16_to_f32(inbuf) + bf16_to_f32(inout))
+
+
+@dataclass(frozen=True)
+class CountCode:
+    """How a per-rank count 0..most crosses a half-precision SUM exactly.
+
+    Each rank writes its count as base-`base` digits into its group's `digits` slots (rank r in
+    group r % groups; the other groups' slots hold 0). A slot then sums at most ceil(ranks/groups)
+    digits of at most base-1, never more than EXACT_INTEGERS: every partial sum, in whatever order
+    MPI adds, is an integer the format holds exactly, so the total is exact at any rank count.
+    """
+
+    groups: int
+    base: int
+    digits: int
+
+    @property
+    def slots(self) -> int:
+        return self.groups * self.digits
+
+
+def count_code(dtype: str, ranks: int, most: int) -> CountCode:
+    """The fewest slots that carry counts 0..most from each of `ranks` ranks exactly in `dtype`."""
+    _check(dtype)
+    limit = EXACT_INTEGERS[dtype]
+    groups = -(-ranks // limit)             # ranks per group <= limit, so the base is at least 2
+    base = limit // -(-ranks // groups) + 1
+    digits = 1
+    while base ** digits <= most:
+        digits += 1
+    return CountCode(groups, base, digits)
+
+
+def encode_count(count: int, rank: int, code: CountCode) -> np.ndarray:
+    """Rank `rank`'s count as slot values (float64, small integers)."""
+    if not 0 <= count < code.base ** code.digits:
+        raise ValueError(f"count {count} outside 0..{code.base ** code.digits - 1}")
+    slots = np.zeros(code.slots)
+    first = (rank % code.groups) * code.digits
+    for i in range(code.digits):
+        count, slots[first + i] = divmod(count, code.base)
+    return slots
+
+
+def decode_count(summed: np.ndarray, code: CountCode) -> int:
+    """The total of every rank's count from the summed slots."""
+    digits = np.rint(np.asarray(summed, dtype=np.float64)).astype(np.int64).reshape(code.groups, code.digits)
+    return int(sum(int(d) * code.base ** i for row in digits for i, d in enumerate(row)))

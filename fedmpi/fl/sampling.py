@@ -15,7 +15,8 @@ SAMPLING_STREAM = 3  # seed stream, apart from partition (1, 2, 4-7) and batch-o
 def sample_count(num_nodes: int, fraction: float) -> int:
     """max(1, C*N rounded to the nearest integer, halves up), as McMahan's m = max(C*K, 1)."""
     # floor(x + 0.5) rather than round(): Python's round sends halves to even (2.5 -> 2).
-    # The tiny slack keeps C*N that float arithmetic puts just under a half (2.5/7 * 7 = 2.4999999999999996) from rounding down.
+    # The tiny slack keeps C*N that float arithmetic puts just under a half (2.5/7 * 7 = 2.4999999999999996)
+    # from rounding down.
     return max(1, min(num_nodes, math.floor(fraction * num_nodes + 0.5 + 1e-9)))
 
 

@@ -111,8 +111,8 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
     t_wait, t_transfer = split_collective(np.array([r["t_collective"] for r in per_rank]))
     nodes = [n for r in per_rank for n in r["nodes"]]
     central = central or {}
-    row = dict(round=rnd, test_acc=test[0], test_loss=test[1],
-               central_acc=(central.get("test_acc") or [None])[-1], central_loss=(central.get("test_loss") or [None])[-1],
+    row = dict(round=rnd, test_acc=test[0], test_loss=test[1], central_acc=(central.get("test_acc") or [None])[-1],
+               central_loss=(central.get("test_loss") or [None])[-1],
                t_round=t_round, t_train_max=float(t_train.max()), t_train_mean=float(t_train.mean()),
                t_wait=float(t_wait.mean()), t_wait_max=float(t_wait.max()),
                t_allreduce=t_transfer, t_eval=t_eval,
@@ -120,6 +120,15 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
     row.update(summarize("local_acc", np.array([n["local_acc"] for n in nodes])))
     row.update(summarize("main_on_local_acc", np.array([n["main_on_local_acc"] for n in nodes])))
     return row
+
+
+def elapsed_before(rows: Optional[list]) -> float:
+    """t_elapsed of a resumed run's last row (0 for a new run): the next rows count on from there, so
+    t_elapsed is the wall time of all the work behind the rows, whatever the number of restarts."""
+    last = rows[-1] if rows and isinstance(rows[-1], dict) else {}
+    value = last.get("t_elapsed")
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
 
 
 def split_collective(t_collective: np.ndarray) -> tuple[np.ndarray, float]:
@@ -134,6 +143,8 @@ def describe_round(row: dict, rounds: int) -> str:
     acc = "  -   " if row["test_acc"] is None else f"{row['test_acc']:.4f}"
     central = "" if row["central_acc"] is None else f"  central {row['central_acc']:.4f}"
     dropped = f"  dropped {row['nodes_dropped']}" if row.get("nodes_dropped") else ""
-    return (f"round {row['round']:>3}/{rounds}  test_acc {acc}{central}  local_acc {row['local_acc_mean'] or 0:.4f}"
+    # No local test splits (test_per_node 0), or every node dropped: nothing was scored.
+    local = "  -   " if row["local_acc_mean"] is None else f"{row['local_acc_mean']:.4f}"
+    return (f"round {row['round']:>3}/{rounds}  test_acc {acc}{central}  local_acc {local}"
             f"  t {row['t_round']:.2f}s (train max {row['t_train_max']:.2f}, wait {row['t_wait']:.3f},"
             f" allreduce {row['t_allreduce'] * 1e3:.1f} ms)  payload {row['payload_bytes']:,} B{dropped}")

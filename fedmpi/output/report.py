@@ -64,18 +64,25 @@ def run_table(run: Run) -> list[str]:
     return lines
 
 
+def wall_time(rows: list[dict[str, Any]]) -> Optional[float]:
+    """Seconds from `fedmpi run`'s start (before the shard file and the baseline) to the last round,
+    over all the processes of a resumed run: the last row's t_elapsed (None for rows without it)."""
+    value = rows[-1].get("t_elapsed") if rows else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def summary_table(runs: list[Run]) -> list[str]:
     """One line per run, for comparing runs side by side."""
-    lines = ["| run | ranks | rounds | final main acc | centralized acc | total time (s) | compute | wait | transfer "
-             "| bytes sent |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | ranks | rounds | final main acc | centralized acc | wall time (s) | in rounds (s) | compute "
+             "| wait | transfer | bytes sent |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         t = {k: sum(time_split(r)[k] for r in run.rows) for k, _ in TIME_PARTS}
-        total = sum(_num(r.get("t_round")) for r in run.rows)
+        in_rounds = sum(_num(r.get("t_round")) for r in run.rows)
         final = next((r["test_acc"] for r in reversed(run.rows) if r.get("test_acc") is not None), None)
         lines.append(f"| {run.path.name} | {run.ranks or '-'} | {len(run.rows)} | {_fmt(final, '.4f')} "
-                     f"| {_fmt(run.rows[-1].get('central_acc'), '.4f')} | {total:.2f} | {_share(t['compute'], total)} "
-                     f"| {_share(t['wait'], total)} | {_share(t['transfer'], total)} "
-                     f"| {_bytes(sum(bytes_sent(r) for r in run.rows))} |")
+                     f"| {_fmt(run.rows[-1].get('central_acc'), '.4f')} | {_fmt(wall_time(run.rows), '.2f')} "
+                     f"| {in_rounds:.2f} | {_share(t['compute'], in_rounds)} | {_share(t['wait'], in_rounds)} "
+                     f"| {_share(t['transfer'], in_rounds)} | {_bytes(sum(bytes_sent(r) for r in run.rows))} |")
     return lines
 
 
@@ -93,7 +100,10 @@ def _bytes(n: float) -> str:
 def markdown(runs: list[Run], images: list[str]) -> str:
     """report.md: the comparison, the plots, then each run's setup and per-round table."""
     out = ["# fedmpi report", "", *summary_table(runs), "",
-           "Time per round: " + "; ".join(f"**{k}** = {v}" for k, v in TIME_PARTS) + ". Bytes: what all ranks "
+           "Wall time: from the start of `fedmpi run` (reading the shard file, the centralized baseline) to the "
+           "end of the last round, summed over restarts. In rounds: the sum of the rounds' own times (rank 0), "
+           "split below (shares of the time in rounds). Time per round: "
+           + "; ".join(f"**{k}** = {v}" for k, v in TIME_PARTS) + ". Bytes: what all ranks "
            "send in the Allreduce, estimated for a ring (2 (P-1)/P x payload per rank).", ""]
     out += [f"![{Path(name).stem}]({name})" for name in images] + [""]
     for run in runs:

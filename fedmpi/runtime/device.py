@@ -20,6 +20,20 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % gpus)
 
 
+def ranks_on_gpu(local_rank: int, local_size: int, gpus: int) -> int:
+    """How many of the host's `local_size` ranks share this rank's GPU, cuda:(local_rank % gpus)."""
+    if gpus <= 0:
+        return 1
+    return len(range(local_rank % gpus, local_size, gpus))
+
+
+def ranks_on_device(device: torch.device, local_rank: int, local_size: int) -> int:
+    """Ranks of this host on `device`: those sharing its GPU (pick_device's mapping), 1 for the CPU."""
+    if device.type != "cuda":
+        return 1
+    return ranks_on_gpu(local_rank, local_size, torch.cuda.device_count())
+
+
 def host_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

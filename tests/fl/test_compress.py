@@ -11,10 +11,14 @@ from conftest import ROOT, mpi_env, mpirun_path
 
 from fedmpi.fl.compress import (
     UNIT_ROUNDOFF,
+    CountCode,
     bf16_add_into,
     bytes_saved,
+    count_code,
     decode,
+    decode_count,
     encode,
+    encode_count,
     f32_to_bf16,
     fp16_add_into,
     payload_bytes,
@@ -138,3 +142,48 @@ def test_real_allreduce_of_half_precision_buffers(ranks):
         dtype = key.split("-")[0]
         assert row["rel_err"] <= 2 * ranks * UNIT_ROUNDOFF[dtype], key  # encode + one rounding per add
     assert out["bf16-as-uint16"] != want
+
+
+# --- the dropped count in the trailer: exact digits ---------------------------------------------------
+
+def mpi_sum(bufs, dtype):
+    """What a half-precision Allreduce(SUM) computes: one rounding per add (the user op's arithmetic)."""
+    acc = np.array(bufs[0]).view(np.uint16).copy()
+    add = fp16_add_into if dtype == "fp16" else bf16_add_into
+    for b in bufs[1:]:
+        add(np.array(b).view(np.uint16), acc)
+    return acc.view(np.float16) if dtype == "fp16" else acc
+
+
+@pytest.mark.parametrize("dtype,ranks,most,code", [
+    ("fp16", 4, 25, CountCode(groups=1, base=513, digits=1)),    # 4 x 512 = 2048: every slot sum exact
+    ("bf16", 4, 25, CountCode(groups=1, base=65, digits=1)),     # 4 x 64 = 256
+    ("bf16", 4, 64, CountCode(groups=1, base=65, digits=1)),
+    ("bf16", 4, 65, CountCode(groups=1, base=65, digits=2)),     # 65 itself needs a second digit
+    ("bf16", 4, 250, CountCode(groups=1, base=65, digits=2)),    # 65 <= 250 < 65^2
+    ("bf16", 300, 3, CountCode(groups=2, base=2, digits=2)),     # 150 ranks a group, bits
+    ("fp16", 1, 2048, CountCode(groups=1, base=2049, digits=1)),
+])
+def test_count_code_worked_out_by_hand(dtype, ranks, most, code):
+    assert count_code(dtype, ranks, most) == code
+
+
+def test_digits_round_trip_and_refuse_what_they_cannot_hold():
+    code = CountCode(groups=2, base=3, digits=2)
+    assert encode_count(7, 1, code).tolist() == [0, 0, 1, 2]  # rank 1 -> group 1; 7 = 1 + 2 * 3
+    assert decode_count(encode_count(7, 1, code) + encode_count(5, 2, code), code) == 12
+    with pytest.raises(ValueError, match="outside 0..8"):
+        encode_count(9, 0, code)
+
+
+@pytest.mark.parametrize("dtype,counts", [
+    ("bf16", [100, 100, 101]),            # 301: bf16 steps by 2 above 256, a plain slot reads 300
+    ("fp16", [601, 600, 600, 600]),       # 2401: fp16 steps by 2 above 2048, a plain slot reads 2400
+    ("bf16", [1] * 300),                  # more ranks than bf16's exact integers: two groups
+])
+def test_counts_beyond_the_formats_exact_integers_sum_exactly(dtype, counts):
+    plain = decode(mpi_sum([encode(torch.tensor([float(c)]), dtype) for c in counts], dtype), dtype).item()
+    assert plain != sum(counts)  # the case is real: one slot per count would be off
+    code = count_code(dtype, len(counts), max(counts))
+    slots = [encode(torch.from_numpy(encode_count(c, r, code)), dtype) for r, c in enumerate(counts)]
+    assert decode_count(decode(mpi_sum(slots, dtype), dtype).numpy(), code) == sum(counts)

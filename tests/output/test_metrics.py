@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from fedmpi.output.metrics import MetricsWriter, summarize, write_atomic, write_nodes_csv
+from fedmpi.output.metrics import MetricsWriter, describe_round, metrics_row, summarize, write_atomic, write_nodes_csv
 
 # The writer process stalls half-way through a write and is SIGKILLed there: every open() for
 # writing is wrapped so that, in round KILL_AT, write() puts half its text on disk and then hangs.
@@ -121,3 +121,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 def test_summarize_ignores_nan():
     assert summarize("a", np.array([0.5, np.nan, 1.0])) == {"a_mean": 0.75, "a_min": 0.5, "a_max": 1.0}
     assert summarize("a", np.array([np.nan]))["a_mean"] is None
+
+
+def one_rank(local_acc):
+    nodes = [dict(node=k, rank=0, samples=4, local_acc=a, main_on_local_acc=a) for k, a in enumerate(local_acc)]
+    return [dict(t_train=0.5, t_collective=0.01, nodes=nodes)]
+
+
+def test_the_console_line_shows_a_dash_when_no_local_split_was_scored():
+    # No local test splits (test_per_node 0): every local accuracy is NaN, the row holds null.
+    row = metrics_row(1, (0.5, 1.2), one_rank([np.nan, np.nan]), None, 1000, 1, 0.1, 1.0)
+    assert row["local_acc_mean"] is None
+    line = describe_round(row, 3)
+    assert "local_acc   -  " in line and "0.0000" not in line
+    scored = describe_round(metrics_row(1, (0.5, 1.2), one_rank([0.25, np.nan]), None, 1000, 1, 0.1, 1.0), 3)
+    assert "local_acc 0.2500" in scored

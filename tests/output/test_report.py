@@ -8,7 +8,7 @@ import matplotlib.image as plt_image  # in the test extra: a missing matplotlib 
 import pytest
 from conftest import ROOT, SMALL, fedmpi, read_metrics
 
-from fedmpi.output.report import bytes_sent, cumulative, time_split
+from fedmpi.output.report import Run, bytes_sent, cumulative, summary_table, time_split, wall_time
 
 
 def report(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -65,6 +65,11 @@ def test_several_runs_side_by_side(run_dirs, tmp_path):
     summary = [x for x in md.splitlines() if x.startswith("| n1 |") or x.startswith("| n2 |")]
     assert [x.split("|")[2].strip() for x in summary] == ["1", "2"]  # the ranks column
     assert "## n1 (-n 1)" in md and "## n2 (-n 2)" in md
+    header = next(x for x in md.splitlines() if x.startswith("| run |")).split("|")
+    wall, in_rounds = header.index(" wall time (s) "), header.index(" in rounds (s) ")
+    for line in summary:  # the rounds lie within the run: setup (shard file, baseline) comes on top
+        cells = line.split("|")
+        assert float(cells[wall]) >= float(cells[in_rounds]) > 0
     single = tmp_path / "single"
     assert report(str(run_dirs[1]), "--out", str(single)).returncode == 0
     # time.png has one panel per run: two runs make a wider figure than one.
@@ -88,3 +93,16 @@ def test_time_split_adds_up_to_the_round_and_bytes_accumulate():
     assert sum(parts.values()) == pytest.approx(row["t_round"])
     assert bytes_sent(row) == 4000 and bytes_sent(dict(row, wire_bytes_est=None)) == 0
     assert cumulative([1.0, 2.0, 3.0]) == [1.0, 3.0, 6.0]
+
+
+def test_the_summary_gives_the_wall_time_and_the_time_in_rounds_apart(tmp_path):
+    """Two 2 s rounds after 56 s of setup (the shard file, the baseline): wall 62.5 s, rounds 4 s."""
+    rows = [dict(round=r, test_acc=0.5, t_round=2.0, t_train_mean=1.0, t_wait=0.5, t_allreduce=0.1, t_elapsed=e)
+            for r, e in ((1, 60.0), (2, 62.5))]
+    header, _, line = summary_table([Run(tmp_path / "r", rows, {"world_size": 2}, {})])
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+    assert cells["wall time (s)"] == "62.50" and cells["in rounds (s)"] == "4.00"
+    assert cells["compute"] == "2.00 s (50%)" and cells["wait"] == "1.00 s (25%)"
+    assert wall_time(rows) == 62.5 and wall_time([dict(round=1, t_round=2.0)]) is None  # rows from before t_elapsed
+    older = summary_table([Run(tmp_path / "r", [dict(round=1, t_round=2.0)], {}, {})])[2]
+    assert older.split("|")[6].strip() == "-"

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-spec = importlib.util.spec_from_file_location("rounds_to_target", Path(__file__).resolve().parents[2] / "tools" / "rounds_to_target.py")
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "rounds_to_target.py"
+spec = importlib.util.spec_from_file_location("rounds_to_target", TOOL)
 rtt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(rtt)
 
@@ -16,7 +17,8 @@ def make_run(tmp_path: Path, name: str, accs: list) -> Path:
     run = tmp_path / name
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(CFG))
-    (run / "metrics.jsonl").write_text("".join(json.dumps(dict(round=i + 1, test_acc=a)) + "\n" for i, a in enumerate(accs)))
+    rows = [dict(round=i + 1, test_acc=a) for i, a in enumerate(accs)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
 
 
