@@ -104,7 +104,7 @@ def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
         raise checkpoint.CheckpointError(f"checkpoint {folder}/main.pt holds {tuple(main.shape)} parameters, "
                                          f"the model has {tuple(st.main.shape)}")
     st.main = main.to(st.device)
-    st.server.load_state(checkpoint.load_server(folder))
+    st.server.load_state(checkpoint.load_server(folder), st.device)  # on the main model's device
     momentum = st.engine.state()["momentum"]
     momentum.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, momentum.shape[1]).to(st.device))
     st.done_rounds = meta["round"]
