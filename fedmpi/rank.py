@@ -66,15 +66,15 @@ def ensure_data(cfg: Config, comm) -> Path:
     return cfg.data_path
 
 
-def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
+def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     """Load this rank's nodes onto its device and build everything the round loop needs.
 
-    A checkpoint file any rank finds bad ends every rank with that rank's line.
+    `resumed`: (checkpoint folder, its checked meta.json) to continue from; a checkpoint file any rank
+    finds bad ends every rank with that rank's line.
     """
     device = pick_device(cfg.device, comm.local_rank)
     configure_torch(pick_threads(cfg.threads, comm.local_size))
     mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
-    resumed = checkpoint.load_meta(resume_dir, cfg) if resume_dir is not None else None
     path = ensure_data(cfg, comm)
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
