@@ -98,7 +98,7 @@ def test_state_round_trip_continues_exactly(name):
     for d in updates[:2]:
         main = first.step(main, d)
     second = make_server_optimizer(name, 0.1)
-    second.load_state({k: v.float() for k, v in first.state().items()}, torch.device("cpu"))  # float32 comes back float64
+    second.load_state({k: v.float() for k, v in first.state().items()}, torch.device("cpu"))  # float32 back as float64
     assert set(second.state()) == {"none": set(), "fedavgm": {"momentum"}}.get(name, {"m", "v"})
     assert torch.allclose(second.step(main, updates[2]), first.step(main, updates[2]), rtol=0, atol=1e-7)
 
