@@ -99,10 +99,10 @@ def write_atomic(path: Path, data: Union[str, bytes]) -> None:
         if isinstance(err, OSError):
             raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename itself durable (a power loss could otherwise bring back the old name)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import Config
 from ..errors import FedmpiError, OutputError
-from ..output.metrics import _fsync_dir, write_atomic
+from ..output.metrics import fsync_dir, write_atomic
 from .agree import on_every_rank, on_rank0
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is checked before it loads
@@ -116,7 +116,7 @@ def _swap_in(run_dir: Path, tmp: Path, state: dict, meta: dict) -> None:
         raise OutputError(f"cannot rename {tmp} to {final}: {err.strerror}; "
                           f"the last complete checkpoint is kept") from None
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
 
 
 # --- reading: files ----------------------------------------------------------------------------------
