@@ -1,8 +1,9 @@
 """Errors every rank agrees on: a check or a write done on some ranks ends all of them with the same line.
 
 A FedmpiError raised on one rank alone would leave the others waiting in their next collective until
-MPI_Abort; here the error travels in one small collective instead, so every rank raises it and the job
-ends as it does for a bad config.
+MPI_Abort; here the error travels in one small collective instead, so every rank raises it. The raised
+error is marked `everywhere` (every rank holds it, so the job may end without MPI_Abort) with `origin`,
+the rank that found it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def on_rank0(comm, work: Callable[[], Any]) -> Optional[Any]:
             error = err
     error = comm.bcast(error)
     if error is not None:
-        raise error
+        raise _everywhere(error, 0)
     return result
 
 
@@ -38,7 +39,12 @@ def on_every_rank(comm, work: Callable[[], Any]) -> list:
     except FedmpiError as err:
         outcome = (None, err)
     outcomes = comm.allgather(outcome)
-    for _, error in outcomes:
+    for rank, (_, error) in enumerate(outcomes):
         if error is not None:
-            raise error
+            raise _everywhere(error, rank)
     return [result for result, _ in outcomes]
+
+
+def _everywhere(error: FedmpiError, origin: int) -> FedmpiError:
+    error.everywhere, error.origin = True, origin
+    return error
