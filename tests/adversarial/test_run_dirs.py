@@ -451,6 +451,19 @@ def test_a_full_disk_at_model_pt_keeps_every_row_and_leaves_no_half_model(small_
 
 
 @pytest.mark.parametrize("ranks", RANKS)
+def test_a_full_disk_at_the_metrics_keeps_the_rows_written_so_far(small_data, tmp_path, ranks):
+    """Rows of about 1 KB against a 2.5 KB limit: a round from the second on finds metrics.jsonl full
+    while the other ranks are already in the next round's Allreduce."""
+    run_dir = tmp_path / "run"
+    result = fedmpi(["run", "--set", *RUN, "rounds=6", "checkpoint_every=0", small_data, "--out", str(run_dir)],
+                    ranks=ranks, max_file_bytes=2500)
+    assert_refused(result, f"cannot write {run_dir}/metrics.", "File too large")
+    rounds = [r["round"] for r in read_metrics(run_dir)]
+    assert rounds == list(range(1, len(rounds) + 1)) and 1 <= len(rounds) < 6
+    assert not (run_dir / "model.pt").exists() and no_temp_files(run_dir)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
 def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_the_rows(run_copy, ranks):
     """Round 2's checkpoint cannot be written (node files are 2.4-6.4 MB): round 1's stays, as do rows 1 and 2."""
     result = fedmpi(["run", "--resume", str(run_copy)], ranks=ranks, max_file_bytes=1_200_000)
