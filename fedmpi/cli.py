@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="rewrite the shard file even when it exists")
     prep.add_argument("--describe", action="store_true", help="print the shard file's attributes")
     sub.choices["run"].add_argument("--out", help="run directory (default runs/<config name>)")
+    sub.choices["run"].add_argument("--overwrite", action="store_true",
+                                    help="replace the run --out already holds (finished or not) instead of refusing")
     sub.choices["run"].add_argument("--resume", metavar="RUN_DIR",
                                     help="continue the run in RUN_DIR from its checkpoint (its config.yaml; --set may "
                                          "change rounds, eval_every, device, threads, engine, checkpoint_every)")
@@ -72,48 +74,53 @@ def cmd_prepare(cfg, args, comm) -> None:
 def cmd_run(cfg, args, comm) -> None:
     from .data.partition import node_ranges
     from .data.prepare import check_matches, check_preparable, prepare
+    from .runtime.agree import on_rank0
+    from .runtime.rundir import clear_previous, open_run_dir
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
-    # Cheap checks first: bad input fails in about a second, before torch is even imported.
-    with agreed(comm):
+    resume = args.resume is not None
+
+    def check() -> Optional[tuple]:
+        """Cheap checks first (bad input fails in about a second, before torch is imported), then rank 0
+        locks and checks the run directory, then the shard file is made whole or refused, all before
+        the run directory holds anything but its lock."""
         node_ranges(cfg.nodes, comm.size)
-        if comm.rank == 0:
-            if cfg.data_path.exists():
-                check_matches(cfg, cfg.data_path)
-            else:  # the shard file is to be made: refuse what cannot be made before anything is written
-                check_preparable(cfg)
-            check_run_dir(run_dir, args.resume is not None)
-            prepare(cfg)  # the shard file whole, or refused, before the run directory holds anything
+        if cfg.data_path.exists():
+            check_matches(cfg, cfg.data_path)
+        else:  # the shard file is to be made: refuse what cannot be made before anything is written
+            check_preparable(cfg)
+        resumed = open_run_dir(run_dir, cfg, resume, args.overwrite)
+        prepare(cfg)
+        if not resume:
+            clear_previous(run_dir)
+        return resumed
+
+    # The other ranks learn rank 0's verdict and its checkpoint.
+    resumed = shared_checkpoint(comm, on_rank0(comm, check))
     from .run import run
 
-    code = run(cfg, run_dir, comm, resume=args.resume is not None)
+    code = run(cfg, run_dir, comm, resumed)
     if comm.rank == 0 and code == 0:
         print(f"run directory: {run_dir}")
     if code:
         sys.exit(code)
 
 
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """The run directory must be writable and must not hold an unfinished run (unless resuming it)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".write-test").touch()
-        (run_dir / ".write-test").unlink()
-    except OSError as err:
-        raise ConfigError(f"--out {run_dir}: cannot write there ({err.strerror})") from None
-    unfinished = (run_dir / "checkpoint" / "meta.json").exists() and not (run_dir / "model.pt").exists()
-    if not resume and unfinished:
-        raise ConfigError(f"--out {run_dir} holds a checkpoint of an unfinished run: continue it with "
-                          f"--resume {run_dir}, or choose another --out")
+def shared_checkpoint(comm, resumed: Optional[tuple]) -> Optional[tuple]:
+    """Rank 0's checkpoint folder and meta.json on every rank (the metrics rows stay on rank 0)."""
+    slim = None if resumed is None else (resumed[0], {k: v for k, v in resumed[1].items() if k != "metrics"})
+    slim = comm.bcast(slim)
+    return resumed if comm.rank == 0 else slim
 
 
 def resume_config(args) -> Optional[str]:
-    """--resume RUN_DIR reads RUN_DIR/config.yaml; --config and --out may not point elsewhere."""
+    """--resume RUN_DIR reads RUN_DIR/config.yaml; --config, --out and --overwrite do not go with it."""
     if getattr(args, "resume", None) is None:
         return args.config
-    if args.config or args.out:
-        raise ConfigError("--resume RUN_DIR takes the run's own config.yaml: drop --config and --out")
+    if args.config or args.out or args.overwrite:
+        raise ConfigError("--resume RUN_DIR continues the run there with its own config.yaml: "
+                          "drop --config, --out and --overwrite")
     path = Path(args.resume) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a fedmpi run directory)")

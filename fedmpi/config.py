@@ -323,5 +323,6 @@ def load_config(path: Optional[str], overrides: Optional[dict[str, Any]] = None)
     return Config(**values)
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def config_text(cfg: Config) -> str:
+    """config.yaml of a run directory: the resolved config (written atomically by run.py)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -24,3 +24,7 @@ class ConfigError(FedmpiError):
 
 class DataError(FedmpiError):
     """A data source or HDF5 shard file is missing or malformed."""
+
+
+class OutputError(FedmpiError):
+    """A file of the run could not be written (disk full, no permission, a file in the way)."""

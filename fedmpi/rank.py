@@ -24,6 +24,7 @@ from .fl import server
 from .fl.aggregate import node_weights
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory
+from .runtime.agree import on_every_rank
 from .runtime.comm import Comm, agreed
 from .runtime.device import configure_torch, pick_device, pick_threads, ranks_on_device
 
@@ -81,14 +82,17 @@ def ensure_data(cfg: Config, comm) -> Path:
     return cfg.data_path
 
 
-def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
-    """Load this rank's nodes onto its device and build everything the round loop needs."""
+def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
+    """Load this rank's nodes onto its device and build everything the round loop needs.
+
+    `resumed`: (checkpoint folder, its checked meta.json) to continue from; a checkpoint file any rank
+    finds bad ends every rank with that rank's line.
+    """
     with agreed(comm):  # a rank without its GPU or with too many threads for its host: every rank ends
         device = pick_device(cfg.device, comm.local_rank)
         threads = pick_threads(cfg.threads, comm.local_size)
     configure_torch(threads)
     mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
-    resumed = checkpoint.load_meta(resume_dir, cfg) if resume_dir is not None else None
     path = ensure_data(cfg, comm)
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
@@ -105,7 +109,7 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     st.all_weights = node_weights(cfg.aggregation, np.diff(read_offsets(path, "train")))
     st.server = server.from_config(cfg)
     if resumed is not None:
-        restore(st, *resumed, mine.stop)
+        on_every_rank(comm, lambda: restore(st, *resumed, mine.stop))
     if comm.rank == 0:
         st.test = to_device(*read_test(path), scale, device)
         st.rows = st.rows or []
@@ -157,13 +161,10 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
 
 def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
     """Continue from a checkpoint: main model, every local node's momentum, rounds done, metrics."""
-    main = checkpoint.load_main(folder)
-    if main.shape != st.main.shape:
-        raise checkpoint.CheckpointError(f"checkpoint {folder}/main.pt holds {tuple(main.shape)} parameters, "
-                                         f"the model has {tuple(st.main.shape)}")
+    main, state = checkpoint.load_main(folder, st.main, st.server.STATE_NAMES if meta["round"] else ())
     st.main = main.to(st.device)
-    st.server.load_state(checkpoint.load_server(folder))
+    st.server.load_state(state, st.device)  # on the main model's device, or its step mixes devices
     momentum = st.engine.state()["momentum"]
-    momentum.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, momentum.shape[1]).to(st.device))
+    momentum.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, momentum).to(st.device))
     st.done_rounds = meta["round"]
     st.rows = list(meta.get("metrics") or []) if st.comm.rank == 0 else None

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .config import Config, save_config
+from .config import Config, config_text
 from .data.partition import node_ranges
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.params import load_flat
@@ -22,10 +22,12 @@ from .fl.aggregate import UpdateSum, Wire, summed_update, trailer
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
 from .output import tensorboard
-from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_nodes_csv
+from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_atomic, write_nodes_csv
 from .output.tensorboard import TensorBoardWriter
 from .rank import Rank, setup
 from .runtime import checkpoint, faults
+from .runtime.agree import on_rank0
+from .runtime.comm import agreed
 from .runtime.stop import StopFlag
 
 DIVERGED_EXIT_CODE = 3
@@ -144,19 +146,38 @@ def progress(st: Rank, done: int) -> None:
         print(f"\r  training: {done}/{len(st.samples)} nodes on rank 0", end="", file=sys.stderr, flush=True)
 
 
-def run_info(st: Rank, run_dir: Path) -> None:
-    """run.json: who ran where, with what (written by rank 0, gathered from every rank)."""
-    me = dict(rank=st.comm.rank, host=platform.node(), device=str(st.device), nodes=len(st.samples),
-              threads=torch.get_num_threads())
-    ranks = st.comm.gather(me)
-    if ranks is None:
-        return
-    info = dict(fedmpi_version=__version__, world_size=st.comm.size, mpi_library=st.comm.library_version(),
+def run_info(st: Rank, ranks: list) -> dict:
+    """run.json: who ran where, with what (from every rank's `rank_info`)."""
+    return dict(fedmpi_version=__version__, world_size=st.comm.size, mpi_library=st.comm.library_version(),
                 torch_version=torch.__version__, python=platform.python_version(),
                 hosts=sorted({r["host"] for r in ranks}), nodes_per_rank=[r["nodes"] for r in ranks],
                 devices=[r["device"] for r in ranks], threads_per_rank=[r["threads"] for r in ranks],
                 resumed_from_round=st.done_rounds)
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def rank_info(st: Rank) -> dict:
+    """This rank's part of run.json."""
+    return dict(rank=st.comm.rank, host=platform.node(), device=str(st.device), nodes=len(st.samples),
+                threads=torch.get_num_threads())
+
+
+def start_files(st: Rank, run_dir: Path) -> Optional[MetricsWriter]:
+    """Collective, once every rank has set up (checkpoint included): rank 0 writes config.yaml (when it
+    changed), run.json, central.json and the metrics so far; a failed write ends every rank."""
+    ranks = st.comm.gather(rank_info(st))
+
+    def write() -> MetricsWriter:
+        config_yaml = run_dir / "config.yaml"
+        text = config_text(st.cfg)
+        # Unchanged on a plain resume: never rewritten (the other ranks have read it).
+        if not (config_yaml.is_file() and config_yaml.read_bytes() == text.encode()):
+            write_atomic(config_yaml, text)
+        write_atomic(run_dir / "run.json", json.dumps(run_info(st, ranks), indent=2) + "\n")
+        if st.central is not None:
+            write_atomic(run_dir / "central.json", json.dumps(st.central, indent=2) + "\n")
+        return MetricsWriter(run_dir, st.rows)
+
+    return on_rank0(st.comm, write)
 
 
 def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult,
@@ -174,40 +195,41 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
         write_nodes_csv(run_dir / "nodes.csv", result.nodes)
 
 
-def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
-    """The whole job on this rank; returns the exit code (0, or 75 when stopped by a signal)."""
+def run(cfg: Config, run_dir: Path, comm, resumed: Optional[tuple] = None) -> int:
+    """The whole job on this rank; returns the exit code (0, or 75 when stopped by a signal).
+
+    `resumed`: the checkpoint folder and its checked meta.json (rundir.open_run_dir) to continue from.
+    """
     started = time.perf_counter()
     if cfg.tensorboard:
-        tensorboard.require()  # on every rank, before anything is written: the same one line everywhere
+        with agreed(comm):  # before anything is written: the same one line everywhere
+            tensorboard.require()
     stop = StopFlag().install()
-    if comm.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    st = setup(cfg, comm, run_dir if resume else None)
+    st = setup(cfg, comm, resumed)
     st.clock_zero = started - elapsed_before(st.rows)
-    run_info(st, run_dir)
-    writer = MetricsWriter(run_dir, st.rows) if comm.rank == 0 else None
+    writer = start_files(st, run_dir)
     board = TensorBoardWriter(run_dir, st.rows) if comm.rank == 0 and cfg.tensorboard else None
-    if st.central is not None:
-        (run_dir / "central.json").write_text(json.dumps(st.central, indent=2) + "\n")
     comm.barrier()  # rank 0 may have trained the baseline: keep that wait out of round 1's t_wait
     for rnd in range(st.done_rounds + 1, cfg.rounds + 1):
         result = run_round(st, rnd, stop)
         record(st, run_dir, writer, result, board)
-        if result.stop or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
+        # A stop in the last round has nothing left to resume: the run ends as complete, with its model.
+        stopping = result.stop and rnd < cfg.rounds
+        if stopping or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
             checkpoint.save(run_dir, comm, cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
                             st.first, st.rows)
-        if result.stop:
+        if result.stop and not stopping and comm.rank == 0:
+            print(f"a stop signal came in the last round ({rnd}): the run is complete", flush=True)
+        if stopping:
             if comm.rank == 0:
                 print(f"stopped after round {rnd} by a signal; checkpoint in {run_dir}/checkpoint; "
                       f"continue with: fedmpi run --resume {run_dir}", flush=True)
             return checkpoint.STOP_EXIT_CODE
-    if comm.rank == 0:
-        save_model(st, run_dir / "model.pt")
+    on_rank0(comm, lambda: save_model(st, run_dir / "model.pt"))
     return 0
 
 
 def save_model(st: Rank, path: Path) -> None:
-    """The final main model as a plain state_dict (loads with torch.load(..., weights_only=True))."""
+    """The final main model as a plain state_dict (loads with torch.load(..., weights_only=True)), atomically."""
     load_flat(list(st.model.parameters()), st.main)
-    torch.save({k: v.detach().cpu() for k, v in st.model.state_dict().items()}, path)
+    write_atomic(path, checkpoint.tensor_bytes({k: v.detach().cpu() for k, v in st.model.state_dict().items()}))

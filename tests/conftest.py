@@ -62,9 +62,26 @@ class Result:
     seconds: float
 
 
-def fedmpi(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None, cwd: Path = ROOT) -> Result:
-    """Run `python -m fedmpi ARGS` under a real `mpirun -n RANKS`, killed after `timeout` seconds."""
-    cmd = [mpirun_path(), "-n", str(ranks), sys.executable, "-m", "fedmpi", *args]
+# `python -m fedmpi` with a file-size limit set once MPI is up (MPI_Init writes shared-memory files that
+# the limit would refuse): a disk full for files growing past it. Python ignores SIGXFSZ: write() fails (EFBIG).
+LIMITED_FEDMPI = """
+import resource, runpy, sys
+from mpi4py import MPI
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+runpy.run_module("fedmpi", run_name="__main__", alter_sys=True)
+"""
+
+
+def fedmpi(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None, cwd: Path = ROOT,
+           max_file_bytes: int | None = None) -> Result:
+    """Run `python -m fedmpi ARGS` under a real `mpirun -n RANKS`, killed after `timeout` seconds.
+
+    max_file_bytes: no rank can write a file larger than this (RLIMIT_FSIZE, see LIMITED_FEDMPI).
+    """
+    python = [sys.executable, "-m", "fedmpi"] if max_file_bytes is None else \
+        [sys.executable, "-c", LIMITED_FEDMPI, str(max_file_bytes)]
+    cmd = [mpirun_path(), "-n", str(ranks), *python, *args]
     full_env = dict(os.environ, **mpi_env(), **(env or {}))
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)

@@ -72,7 +72,8 @@ def test_run_directory_outputs(runs):
 
 def test_central_baseline_is_cached_for_a_rerun(small_data, tmp_path):
     for expected in (False, True):
-        result = fedmpi(["run", "--set", *SMALL, small_data, "rounds=1", "--out", str(tmp_path)], ranks=2)
+        result = fedmpi(["run", "--set", *SMALL, small_data, "rounds=1", "--out", str(tmp_path), "--overwrite"],
+                        ranks=2)
         assert result.returncode == 0, result.stderr
     central = json.loads((tmp_path / "central.json").read_text())
     assert central["cached"] is True and len(central["test_acc"]) == 1

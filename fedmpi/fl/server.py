@@ -3,7 +3,7 @@
 After the Allreduce every rank holds the same averaged update d = mean_k w_k (theta_k - main)
 and calls `step(main, d)` with the same state, so the main models stay identical without any
 further message. d points downhill (it is minus a pseudo-gradient), hence `main + ...` below.
-State is kept in float64; the main model stays in its own dtype and is updated in place.
+State is kept in float64 on the main model's device; the main model stays in its own dtype and is updated in place.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 
 class ServerOptimizer:
     """`none`: plain FedAvg, main + server_lr * d (server_lr 1: the averaged model itself)."""
+
+    STATE_NAMES: tuple[str, ...] = ()  # the state tensors after the first step (a checkpoint must hold them all)
 
     def __init__(self, lr: float = 1.0) -> None:
         self.lr = lr
@@ -40,8 +42,10 @@ class ServerOptimizer:
         """The optimizer's tensors, for a checkpoint (empty before the first step)."""
         return dict(self._state)
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._state = {k: v.to(torch.float64).clone() for k, v in state.items()}
+    def load_state(self, state: dict[str, torch.Tensor], device: torch.device,
+                   dtype: torch.dtype = torch.float64) -> None:
+        """Continue from `state` (a checkpoint's, read on the CPU), kept on `device`, the main model's."""
+        self._state = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items()}
 
     def _buffer(self, name: str, like: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """A state tensor, created at the first step when the parameter count becomes known."""
@@ -52,6 +56,8 @@ class ServerOptimizer:
 
 class FedAvgM(ServerOptimizer):
     """Server momentum (Hsu et al. 2019): v = momentum v + d; main += server_lr v."""
+
+    STATE_NAMES = ("momentum",)
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.9) -> None:
         super().__init__(lr)
@@ -67,6 +73,8 @@ class FedAdam(ServerOptimizer):
 
     As in the paper there is no bias correction, m starts at 0 and v at tau^2 (v_{-1} >= tau^2).
     """
+
+    STATE_NAMES = ("m", "v")
 
     def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         super().__init__(lr)

@@ -4,16 +4,18 @@ Every file is replaced atomically (temp file, fsync, rename), so a crash never l
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..errors import OutputError
 from ..fl.aggregate import wire_bytes_estimate
 
 
@@ -75,22 +77,32 @@ def write_nodes_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(path, lines.getvalue())
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so a reader or a crash sees the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: Union[str, bytes]) -> None:
+    """Replace `path` with `data` (str: UTF-8) so a reader or a crash sees the old file or the new one.
+
+    A failed write (disk full, file too large, no permission) leaves the old file as it was, removes
+    the temp file, and raises OutputError naming `path`.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    raw = data.encode() if isinstance(data, str) else data
     try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
+        tmp.unlink(missing_ok=True)  # a stale temp of a killed job with this pid, or a planted symlink
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as f:
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it the file
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make the rename itself durable (a power loss could otherwise bring back the old name)."""
     try:
         fd = os.open(directory, os.O_RDONLY)

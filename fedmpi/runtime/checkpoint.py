@@ -1,30 +1,45 @@
-"""Checkpoints: written by all ranks together, read back at any rank count.
+"""Checkpoints: written by all ranks together, read back at any rank count, checked as untrusted input.
 
 RUN_DIR/checkpoint/ holds
   meta.json           round, config hash, metrics rows so far, the file list
-  main.pt             the main model (flat float32) and the server optimizer's state
+  main.pt             the main model (flat float32) and the server optimizer's state (float64)
   nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]), one file per writing rank
 
 Every node's randomness is derived from (seed, node, round), so no RNG state needs saving.
-A new checkpoint is built in checkpoint.tmp/ and swapped in by renames; until the swap is
-complete the previous one (checkpoint/ or, mid-swap, checkpoint.old/) stays valid.
+A new checkpoint is built in checkpoint.tmp/ (each file fsynced) and swapped in by renames; until the
+swap is complete the previous one (checkpoint/ or, mid-swap, checkpoint.old/) stays valid. A failed
+write on any rank removes checkpoint.tmp/ and ends every rank with one line naming the file.
+
+Reading: every file must be a regular file of bounded size (a FIFO would block the open forever),
+meta.json is checked field by field before any tensor is read, and tensors load with
+weights_only=True and must have the shapes and dtypes this run expects.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..config import Config
-from ..errors import FedmpiError
+from ..errors import FedmpiError, OutputError
+from ..output.metrics import fsync_dir, write_atomic
+from .agree import on_every_rank, on_rank0
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is checked before it loads
+    import torch
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
 FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir", "tensorboard")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
+META_KEYS = ("round", "identity", "node_files", "metrics")
+META_MAX_BYTES = 64 << 20  # about 90,000 rounds of metrics rows
+TORCH_SLACK = 1 << 20      # torch.save's zip framing and pickled structure around the tensor bytes
+NODE_FILE = re.compile(r"nodes-(\d{1,12})-(\d{1,12})\.pt")
 
 
 class CheckpointError(FedmpiError):
@@ -36,87 +51,238 @@ def identity(cfg: Config) -> str:
     return cfg.digest(tuple(k for k in cfg.to_dict() if k not in FREE_KEYS))
 
 
-def _sync_write(path: Path, write) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+def short(value: Any, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters: an error line quotes untrusted values, never all of one."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- writing -----------------------------------------------------------------------------------------
+
+def tensor_bytes(obj: Any) -> bytes:
+    """torch.save of `obj` into memory, so the file itself is written (and fails) in one place."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: torch.Tensor,
          first: int, rows: Optional[list]) -> None:
     """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in."""
-    tmp, final, old = run_dir / "checkpoint.tmp", run_dir / "checkpoint", run_dir / "checkpoint.old"
-    if comm.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    comm.barrier()
+    tmp = run_dir / "checkpoint.tmp"
     name = f"nodes-{first}-{first + len(momentum)}.pt"
-    _sync_write(tmp / name, lambda f: torch.save({"first": first, "momentum": momentum.cpu()}, f))
-    names = comm.gather(name)
-    if comm.rank == 0:
+    try:
+        on_rank0(comm, lambda: _fresh_dir(tmp))
+        names = on_every_rank(comm, lambda: _write(tmp / name, {"first": first, "momentum": momentum.cpu()}))
         state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
-        _sync_write(tmp / "main.pt", lambda f: torch.save(state, f))
         meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows}
-        _sync_write(tmp / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
+        on_rank0(comm, lambda: _swap_in(run_dir, tmp, state, meta))
+    except FedmpiError:
+        if comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fresh_dir(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a job killed while writing
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise OutputError(f"cannot write checkpoint {tmp}: {err.strerror}; "
+                          f"the last complete checkpoint is kept") from None
+
+
+def _write(path: Path, obj: Any) -> str:
+    try:
+        write_atomic(path, tensor_bytes(obj) if not isinstance(obj, str) else obj)
+    except OutputError as err:
+        raise OutputError(f"{err}; the last complete checkpoint is kept") from None
+    return path.name
+
+
+def _swap_in(run_dir: Path, tmp: Path, state: dict, meta: dict) -> None:
+    """Rank 0: main.pt and meta.json into tmp, then tmp becomes checkpoint/ (the old one kept until then)."""
+    final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
+    _write(tmp / "main.pt", state)
+    _write(tmp / "meta.json", json.dumps(meta))
+    try:
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    comm.barrier()
+    except OSError as err:
+        raise OutputError(f"cannot rename {tmp} to {final}: {err.strerror}; "
+                          f"the last complete checkpoint is kept") from None
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(run_dir)
 
+
+# --- reading: files ----------------------------------------------------------------------------------
 
 def find(run_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint folder, if any."""
     for name in ("checkpoint", "checkpoint.old"):
-        if (run_dir / name / "meta.json").is_file():
+        if (run_dir / name / "meta.json").exists():
             return run_dir / name
     return None
 
 
-def load_meta(run_dir: Path, cfg: Config) -> tuple[Path, dict]:
-    """The checkpoint's folder and meta.json, refused when corrupt or made with another config."""
-    folder = find(run_dir)
-    if folder is None:
-        raise CheckpointError(f"--resume {run_dir}: no checkpoint in {run_dir}/checkpoint")
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, refused unless it is a regular file of at most `limit` bytes."""
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-        rnd, ident = int(meta["round"]), meta["identity"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {folder}/meta.json is corrupt ({type(err).__name__})") from None
-    if ident != identity(cfg):
-        raise CheckpointError(f"checkpoint {folder} was made with another config (keys other than "
-                              f"{', '.join(FREE_KEYS)} differ); start a new run directory instead")
-    return folder, dict(meta, round=rnd)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open, a device never end
+            raise CheckpointError(f"checkpoint file {path} is not a regular file")
+        # O_NONBLOCK: a file swapped for a FIFO after the stat still does not block; fstat then refuses it.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise CheckpointError(f"checkpoint file {path} is not a regular file")
+            if info.st_size > limit:
+                raise CheckpointError(f"checkpoint file {path} holds {info.st_size:,} bytes, more than the "
+                                      f"{limit:,} a checkpoint of this run can")
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({err.strerror})") from None
+    if len(data) > limit:
+        raise CheckpointError(f"checkpoint file {path} grew beyond {limit:,} bytes while being read")
+    return data
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, limit: int) -> Any:
+    import torch
+
+    data = read_bounded(path, limit)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file, or one that asks to run code
         raise CheckpointError(f"checkpoint file {path} is unreadable ({type(err).__name__})") from None
 
 
-def load_main(folder: Path) -> torch.Tensor:
-    return _load(folder / "main.pt")["main"]
+def _check_tensor(value: Any, shape: tuple, dtype: Any, what: str) -> torch.Tensor:
+    import torch
+
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        raise CheckpointError(f"{what} is not a tensor (got {type(value).__name__})")
+    if tuple(value.shape) != shape or value.dtype != dtype:
+        raise CheckpointError(f"{what} is {value.dtype} {tuple(value.shape)}, expected {dtype} {shape}")
+    if not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{what} holds NaN or Inf")
+    return value
 
 
-def load_server(folder: Path) -> dict:
-    """The server optimizer's tensors (empty for plain FedAvg)."""
-    return _load(folder / "main.pt").get("server", {})
+# --- reading: meta.json ------------------------------------------------------------------------------
+
+def load_meta(run_dir: Path, cfg: Config) -> tuple[Path, dict]:
+    """The checkpoint's folder and meta.json, every field checked; refused when made with another config."""
+    folder = find(run_dir)
+    if folder is None:
+        raise CheckpointError(f"--resume {run_dir}: no checkpoint in {run_dir}/checkpoint")
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(read_bounded(path, META_MAX_BYTES))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"checkpoint file {path} is corrupt (not JSON: {type(err).__name__})") from None
+    check_meta(meta, cfg, path)
+    return folder, meta
 
 
-def load_momentum(folder: Path, meta: dict, first: int, stop: int, size: int) -> torch.Tensor:
-    """Momentum of nodes first..stop-1, assembled from whichever rank files hold them."""
-    out, filled = torch.zeros(stop - first, size), torch.zeros(stop - first, dtype=torch.bool)
+def check_meta(meta: Any, cfg: Config, path: Path) -> None:
+    """Every field of a meta.json against the run's config; CheckpointError naming the file and field."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint file {path} is corrupt: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"not a JSON object (got {type(meta).__name__})")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise bad(f"no '{missing[0]}' field")
+    rnd, ident = meta["round"], meta["identity"]
+    if type(rnd) is not int or rnd < 0:
+        raise bad(f"'round' must be an integer >= 0, got {short(rnd)}")
+    if not isinstance(ident, str):
+        raise bad(f"'identity' must be a string, got {short(ident)}")
+    if ident != identity(cfg):
+        raise CheckpointError(f"checkpoint {path.parent} was made with another config (keys other than "
+                              f"{', '.join(FREE_KEYS)} differ); start a new run directory instead")
+    if rnd > cfg.rounds:
+        raise CheckpointError(f"checkpoint {path.parent} holds {rnd} rounds, more than rounds={cfg.rounds}: "
+                              f"resume with --set rounds={rnd} or more")
+    check_node_files(meta["node_files"], cfg.nodes, bad)
+    check_rows(meta["metrics"], rnd, bad)
+
+
+def check_node_files(names: Any, nodes: int, bad) -> list[tuple[int, int]]:
+    """node_files must be nodes-A-B.pt names whose ranges tile 0..nodes-1 exactly; returns the ranges."""
+    if not isinstance(names, list) or not names:
+        raise bad(f"'node_files' must be a non-empty list of nodes-A-B.pt names, got {short(names)}")
+    spans = []
+    for name in names:
+        match = NODE_FILE.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            raise bad(f"'node_files' holds {short(name)}, not a nodes-A-B.pt name")
+        spans.append((int(match[1]), int(match[2])))
+    at = 0
+    for a, b in sorted(spans):
+        if a != at or b <= a:
+            raise bad(f"'node_files' do not cover nodes 0..{nodes - 1} once each (at node {at}: nodes-{a}-{b}.pt)")
+        at = b
+    if at != nodes:
+        raise bad(f"'node_files' end at node {at}, the run has {nodes} nodes")
+    return spans
+
+
+def check_rows(rows: Any, rnd: int, bad) -> None:
+    """metrics must be one JSON object per round done, with "round" 1..rnd in order."""
+    if not isinstance(rows, list):
+        raise bad(f"'metrics' must be a list of rows, got {type(rows).__name__}")
+    if len(rows) != rnd:
+        raise bad(f"'metrics' holds {len(rows)} rows for {rnd} rounds")
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or type(row.get("round")) is not int or row["round"] != i:
+            raise bad(f"'metrics' row {i} is not a JSON object with \"round\": {i} (got {short(row)})")
+
+
+# --- reading: tensors --------------------------------------------------------------------------------
+
+def load_main(folder: Path, like: torch.Tensor, state_names: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
+    """main.pt: the main model (shaped and typed like `like`) and the server state (`state_names`, float64)."""
+    import torch
+
+    path, size = folder / "main.pt", like.numel()
+    limit = size * (like.element_size() + 8 * len(state_names)) + TORCH_SLACK
+    state = _load(path, limit)
+    if not isinstance(state, dict) or "main" not in state or "server" not in state:
+        raise CheckpointError(f"checkpoint file {path} is corrupt: not a dict with 'main' and 'server'")
+    main = _check_tensor(state["main"], (size,), like.dtype, f"checkpoint file {path}: 'main'")
+    server = state["server"]
+    if not isinstance(server, dict) or set(server) != set(state_names):
+        got = sorted(map(str, server)) if isinstance(server, dict) else type(server).__name__
+        raise CheckpointError(f"checkpoint file {path}: 'server' must hold {list(state_names)} for this "
+                              f"run's server_opt, got {short(got)}")
+    for key, value in server.items():
+        _check_tensor(value, (size,), torch.float64, f"checkpoint file {path}: 'server' {key!r}")
+    return main, server
+
+
+def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+    """Momentum of nodes first..stop-1 (typed like `like`, [*, P]), from whichever rank files hold them."""
+    import torch
+
+    size = like.shape[1]
+    out = torch.zeros(stop - first, size, dtype=like.dtype)
+    filled = torch.zeros(stop - first, dtype=torch.bool)
     for name in meta["node_files"]:
-        a, b = (int(v) for v in name[len("nodes-"):-len(".pt")].split("-"))
+        a, b = (int(v) for v in NODE_FILE.fullmatch(name).groups())
         if b <= first or a >= stop:
             continue
-        block = _load(folder / name)["momentum"]
-        if block.shape != (b - a, size):
-            raise CheckpointError(f"checkpoint file {folder / name} holds {tuple(block.shape)}, expected {(b - a, size)}")
+        path = folder / name
+        block = _load(path, (b - a) * size * like.element_size() + TORCH_SLACK)
+        if not isinstance(block, dict) or type(block.get("first")) is not int or block["first"] != a \
+                or "momentum" not in block:
+            raise CheckpointError(f"checkpoint file {path} is corrupt: not a dict with 'first': {a} and 'momentum'")
+        block = _check_tensor(block["momentum"], (b - a, size), like.dtype, f"checkpoint file {path}: 'momentum'")
         lo, hi = max(a, first), min(b, stop)
         out[lo - first:hi - first] = block[lo - a:hi - a]
         filled[lo - first:hi - first] = True

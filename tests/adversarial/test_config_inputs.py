@@ -178,8 +178,9 @@ def test_a_data_file_that_cannot_be_created_is_refused_before_anything_is_writte
             f"shard file {tmp_path}/afile/x.h5: cannot create its directory, {tmp_path}/afile is not a directory")
 
 
-# Found by each rank during setup, after run() has saved the resolved config.yaml into the run directory.
-SETUP_WRITES = frozenset({("out", True), ("out/config.yaml", False)})
+# Found by each rank during setup, after rank 0 has locked the run directory: its lock is all it holds
+# (config.yaml and the rest are written only once every rank has set up).
+SETUP_WRITES = frozenset({("out", True), ("out/.lock", False)})
 
 
 @pytest.mark.parametrize("ranks", RANKS)

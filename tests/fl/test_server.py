@@ -98,9 +98,27 @@ def test_state_round_trip_continues_exactly(name):
     for d in updates[:2]:
         main = first.step(main, d)
     second = make_server_optimizer(name, 0.1)
-    second.load_state({k: v.float() for k, v in first.state().items()})  # a checkpoint may hold float32
+    second.load_state({k: v.float() for k, v in first.state().items()}, torch.device("cpu"))  # float32 back as float64
     assert set(second.state()) == {"none": set(), "fedavgm": {"momentum"}}.get(name, {"m", "v"})
     assert torch.allclose(second.step(main, updates[2]), first.step(main, updates[2]), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi"])
+def test_loaded_state_lives_on_the_given_device_and_the_next_step_runs_there(name):
+    """A checkpoint's state is read on the CPU; resumed on a GPU it must follow the main model there.
+
+    The meta device stands in for a GPU: mixing it with CPU tensors fails as cuda and cpu would.
+    """
+    first = make_server_optimizer(name, 0.1)
+    first.step(t(0, 0, 0), t(1, -2, 3))
+    second = make_server_optimizer(name, 0.1)
+    second.load_state({k: v.float() for k, v in first.state().items()}, torch.device("meta"))
+    assert {(v.device.type, v.dtype) for v in second.state().values()} == {("meta", torch.float64)}
+    main = torch.zeros(3, device="meta")
+    assert second.step(main, torch.ones(3, device="meta")).device.type == "meta"
+    third = make_server_optimizer(name, 0.1)
+    third.load_state(first.state(), torch.device("cpu"), dtype=torch.float32)
+    assert {v.dtype for v in third.state().values()} == {torch.float32}
 
 
 def test_main_keeps_its_dtype_and_shapes_must_match():

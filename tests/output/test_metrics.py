@@ -1,6 +1,7 @@
 """Metrics files survive a writer killed at any instant: a real process, SIGKILLed mid-write."""
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -110,12 +111,50 @@ def test_nodes_csv_is_sorted_by_node(tmp_path):
     assert [r["node"] for r in got] == ["0", "1", "2", "3"] and got[0]["main_on_local_acc"] == ""
 
 
-def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+FULL_DISK_WRITER = """
+import resource, sys
+from pathlib import Path
+from fedmpi.errors import OutputError
+from fedmpi.output.metrics import write_atomic
+path = Path(sys.argv[1])
+write_atomic(path, "old\\n")
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # python ignores SIGXFSZ: write() fails with EFBIG
+try:
+    write_atomic(path, b"x" * 100_000)
+except OutputError as err:
+    print(err)
+"""
+
+
+def test_a_failed_write_keeps_the_old_file_names_it_and_leaves_no_temp(tmp_path):
+    """A real EFBIG (the file-size limit, as a full disk): one OutputError naming the file, the old file intact."""
+    path = tmp_path / "m.bin"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"cannot write {path}: File too large"
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["m.bin"]
+
+
+def test_an_interrupted_write_leaves_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "m.txt"
     write_atomic(path, "old\n")
-    with pytest.raises(TypeError):
-        write_atomic(path, b"not text")  # fails inside the write, after the temp file exists
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, "new\n")  # fails inside the write, after the temp file exists
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["m.txt"]
+
+
+def test_a_planted_temp_symlink_is_replaced_not_followed(tmp_path):
+    target, path = tmp_path / "victim", tmp_path / "m.txt"
+    target.write_text("keep\n")
+    (tmp_path / f".m.txt.{os.getpid()}.tmp").symlink_to(target)
+    write_atomic(path, "new\n")
+    assert target.read_text() == "keep\n" and path.read_text() == "new\n" and not path.is_symlink()
 
 
 def test_summarize_ignores_nan():
