@@ -59,6 +59,7 @@ class Config:
     engine: str = "batched"
     chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
     autocast: str = "none"        # bf16: matmuls of local training in bfloat16 (weights, momentum stay float32)
+    stall_timeout_s: float = 300.0  # end the job when a rank makes no progress this long; 0: no watchdog
     # Non-IID partitions.
     alpha: float = 0.5              # dirichlet: concentration; smaller is more label skew
     shards_per_node: int = 2        # shards: label-sorted shards dealt to each node (McMahan: 2)
@@ -92,6 +93,9 @@ class Config:
                 raise ConfigError(f"config key '{name}' must be >= 0, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"config key 'checkpoint_every' must be >= 0, got {self.checkpoint_every}")
+        if not 0 <= self.stall_timeout_s <= 86400:
+            raise ConfigError(f"config key 'stall_timeout_s' must be in [0, 86400] seconds (0: no watchdog), "
+                              f"got {self.stall_timeout_s}")
         if not 0 <= self.max_dropped_fraction <= 1:
             raise ConfigError(f"config key 'max_dropped_fraction' must be in [0, 1], got {self.max_dropped_fraction}")
         if not self.lr > 0:

@@ -19,7 +19,7 @@ from .engine.params import flatten
 from .fl import server
 from .fl.server import ServerOptimizer
 from .fl.aggregate import node_weights
-from .runtime import checkpoint
+from .runtime import checkpoint, watchdog
 from .runtime.comm import Comm
 from .runtime.device import configure_torch, pick_device, pick_threads
 
@@ -59,8 +59,10 @@ def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) 
 def ensure_data(cfg: Config, comm) -> Path:
     """Rank 0 prepares the shard file when missing; the others wait for it, then all check it."""
     if comm.rank == 0:
+        watchdog.stage("preparing the shard file")
         prepare(cfg)
     comm.barrier()
+    watchdog.stage("checking the shard file")
     check_matches(cfg, cfg.data_path)
     return cfg.data_path
 
@@ -72,6 +74,7 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
     resumed = checkpoint.load_meta(resume_dir, cfg) if resume_dir is not None else None
     path = ensure_data(cfg, comm)
+    watchdog.stage("reading this rank's shards")
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
     train = read_nodes(path, "train", mine.start, mine.stop)
@@ -86,6 +89,7 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     if resumed is not None:
         restore(st, *resumed, mine.stop)
     if comm.rank == 0:
+        watchdog.stage("reading the test set")
         st.test = to_device(*read_test(path), scale, device)
         st.rows = st.rows or []
         if cfg.central_epochs:
@@ -93,7 +97,9 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
                 everything = read_nodes(path, "train", 0, cfg.nodes)
                 return to_device(everything.x, everything.y, scale, device)
 
-            st.central = central_baseline(cfg, load_all_shards, *st.test, shape, classes)
+            watchdog.stage("training the centralized baseline")
+            st.central = central_baseline(cfg, load_all_shards, *st.test, shape, classes, watchdog.progress)
+    watchdog.stage("set up")
     return st
 
 

@@ -1,14 +1,17 @@
 """Aggregation math, pure torch: no MPI here, so it is tested with hand-computed arrays.
 
 Each rank packs sum_k w_k * (theta_k - theta_main) over its nodes, followed by a trailer of
-sum_k w_k, the count of nodes dropped (NaN/Inf) and the rank's stop vote (a signal arrived),
-into one flat buffer; one Allreduce(SUM) adds the ranks, so the ranks agree on the average, on
-the dropped count and on stopping without another round trip; `apply_update` divides and adds
+sum_k w_k, the count of nodes dropped (NaN/Inf) and the rank's stop vote (0, 1 after a signal,
+INTERRUPTED when the signal cut its training short), into one flat buffer; one Allreduce(SUM)
+adds the ranks, so the ranks agree on the average, on the dropped count, on stopping and on
+abandoning the round without another round trip; `apply_update` divides and adds
 the mean update to the main model in one pass. Summing updates rather than weights keeps the
 rounding error of the float32 sums at the scale of the update, far below the weights' own last
 bit, so the result hardly depends on how many ranks took part.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -49,7 +52,7 @@ class UpdateSum:
             self.total.addmv_((params.float() - self.main.float()).t(), w)
             self.weight += float(np.sum(weights))
 
-    def pack(self, dropped: int = 0, stop: bool = False, dtype: str = "fp32", round_weight: float = 1.0) -> np.ndarray:
+    def pack(self, dropped: int = 0, stop: float = 0.0, dtype: str = "fp32", round_weight: float = 1.0) -> np.ndarray:
         """The collective's payload: [updates, weight, dropped nodes, stop vote] (P + 3 values).
 
         fp32: the payload itself (the Allreduce sums it in place), divided after the Allreduce.
@@ -70,6 +73,9 @@ class UpdateSum:
 
 
 TRAILER = 3
+# A stop vote: this rank's training was interrupted, its sum is incomplete. Infinity survives the sum in
+# every update dtype (inf + x = inf), so every rank sees it and abandons the round.
+INTERRUPTED = math.inf
 
 
 def trailer(reduced: np.ndarray, dtype: str = "fp32") -> tuple[float, int, bool]:
@@ -80,6 +86,12 @@ def trailer(reduced: np.ndarray, dtype: str = "fp32") -> tuple[float, int, bool]
     values = reduced[-TRAILER:] if dtype == "fp32" else decode(reduced[-TRAILER:], dtype).numpy()
     weight, dropped, stop = (float(v) for v in values)
     return weight, int(round(dropped)), stop > 0
+
+
+def round_abandoned(reduced: np.ndarray, dtype: str = "fp32") -> bool:
+    """Whether some rank voted INTERRUPTED in an all-reduced buffer: nobody may apply this round."""
+    stop = reduced[-TRAILER:][2:]
+    return not math.isfinite(float(stop[0] if dtype == "fp32" else decode(stop, dtype)[0]))
 
 
 def summed_update(reduced: np.ndarray, dtype: str = "fp32") -> tuple[torch.Tensor, float]:

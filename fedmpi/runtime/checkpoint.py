@@ -23,7 +23,7 @@ from ..config import Config
 from ..errors import FedmpiError
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
-FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir")
+FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir", "stall_timeout_s")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
 
 

@@ -2,6 +2,7 @@
 
 `world()` returns an `MPIComm` over COMM_WORLD, or a `LocalComm` (one process, no MPI) when
 mpi4py is not installed. Both offer the same small API, so the rest of fedmpi never asks which.
+Every collective tells the watchdog that this rank is waiting for the others.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
+
+from . import watchdog
 
 # Handles from MPICH's mpi.h (not its ABI build): MPIX_C_FLOAT16, MPIX_BFLOAT16.
 MPICH_FLOAT16, MPICH_BFLOAT16 = 0x4C000246, 0x4C00024C
@@ -107,7 +110,8 @@ class MPIComm:
             datatype, op, _ = self._reduction(dtype)
             target = [buf, datatype]
         t0 = self._MPI.Wtime()
-        self._world.Allreduce(self._MPI.IN_PLACE, target, op=op)
+        with watchdog.waiting("allreduce"):
+            self._world.Allreduce(self._MPI.IN_PLACE, target, op=op)
         return CollectiveTiming(self._MPI.Wtime() - t0)
 
     def _reduction(self, dtype: str) -> tuple:
@@ -120,16 +124,20 @@ class MPIComm:
         return self._reduction(dtype)[2]
 
     def bcast(self, obj: Any) -> Any:
-        return self._world.bcast(obj, root=0)
+        with watchdog.waiting("bcast"):
+            return self._world.bcast(obj, root=0)
 
     def gather(self, obj: Any) -> Optional[list]:
-        return self._world.gather(obj, root=0)
+        with watchdog.waiting("gather"):
+            return self._world.gather(obj, root=0)
 
     def allgather(self, obj: Any) -> list:
-        return self._world.allgather(obj)
+        with watchdog.waiting("allgather"):
+            return self._world.allgather(obj)
 
     def barrier(self) -> None:
-        self._world.Barrier()
+        with watchdog.waiting("barrier"):
+            self._world.Barrier()
 
     def abort(self, code: int) -> None:
         sys.stdout.flush()

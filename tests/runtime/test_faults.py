@@ -62,7 +62,7 @@ def test_raise_on_one_rank_ends_the_job_within_10_s_with_that_rank_error_once(sm
 @pytest.mark.parametrize("ranks", RANKS)
 def test_exit_on_one_rank_ends_the_job_within_10_s(small_data, tmp_path, ranks):
     result, ended = run_with_fault(small_data, tmp_path, ranks, f"exit:rank={ranks - 1}:round=3")
-    assert result.returncode != 0
+    assert result.returncode == faults.EXIT_CODE  # the launcher passes the rank's own code on
     assert ended - injected_at(result.stderr) < 10
     assert_intact_after_fault_in_round_3(tmp_path)
 
@@ -181,7 +181,7 @@ def test_raise_and_delay_fire_only_on_their_rank_and_round(monkeypatch):
         faults.maybe_inject(1, 2)
 
 
-@pytest.mark.parametrize("kind,code", [("exit", 3), ("kill", -signal.SIGKILL)])
+@pytest.mark.parametrize("kind,code", [("exit", faults.EXIT_CODE), ("kill", -signal.SIGKILL)])
 def test_exit_and_kill_end_a_real_process(kind, code):
     script = "from fedmpi.runtime import faults\nfaults.maybe_inject(0, 1)\nfaults.maybe_inject(2, 5)\nprint('survived')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
