@@ -211,11 +211,50 @@ def world() -> Any:
     if _WORLD is None:
         try:
             from mpi4py import MPI
-        except ImportError:
+        except ImportError as err:
+            refuse_launch_without_mpi(err, os.environ)
             _WORLD = LocalComm()
         else:
             _WORLD = MPIComm(MPI)
     return _WORLD
+
+
+# What launchers set in each process they start: MPICH hydra and srun --mpi=pmi2 (PMI_*, MPI_LOCAL*),
+# Open MPI (OMPI_COMM_WORLD_*), PMIx (Open MPI, srun --mpi=pmix), MVAPICH (MV2_*), and srun itself
+# inside a job step (not in the batch script, where SLURM_NTASKS is the allocation's task count).
+LAUNCH_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE",
+                    "SLURM_STEP_NUM_TASKS")
+LAUNCH_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def _int_var(env, name: str) -> Optional[int]:
+    value = env.get(name, "").strip()
+    return int(value) if value.isdigit() and len(value) < 10 else None
+
+
+def launch_evidence(env) -> Optional[str]:
+    """'NAME=VALUE' of a variable showing that a launcher started several processes, else None."""
+    for names, least in ((LAUNCH_SIZE_VARS, 2), (LAUNCH_RANK_VARS, 1)):
+        for name in names:
+            value = _int_var(env, name)
+            if value is not None and value >= least:
+                return f"{name}={value}"
+    return None
+
+
+def refuse_launch_without_mpi(err: ImportError, env) -> None:
+    """Without mpi4py every copy a launcher starts would run alone as rank 0 on one run directory:
+    exit 2 when the environment shows such a launch, one line from the copy the launcher calls rank 0."""
+    evidence = launch_evidence(env)
+    if evidence is None:
+        return
+    rank = next((r for r in (_int_var(env, n) for n in LAUNCH_RANK_VARS) if r is not None), 0)
+    if rank == 0:
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        print(f"fedmpi: error: mpi4py cannot be imported ({reason}), yet a launcher started several processes "
+              f"({evidence}): each would run alone as rank 0 on the same run directory; install mpi4py for this "
+              f"MPI (pip install mpi4py), or start one process without a launcher", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def fail_job(message: str, code: int) -> None:
