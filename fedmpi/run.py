@@ -69,8 +69,8 @@ def sync(device: torch.device) -> float:
 
 
 def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> tuple:
-    """train_local and this rank's stop vote: 1.0 for a signal that came by the end of training; for
-    one that came during it, INTERRUPTED and an empty update (the round will be abandoned)."""
+    """train_local, and whether a stop signal interrupted it (then with an empty update: the round
+    will be abandoned)."""
     watchdog.stage("training", rnd)
 
     def tick() -> None:  # before every training step, on the engine's worker threads too
@@ -82,8 +82,8 @@ def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> 
             faults.maybe_inject(st.comm.rank, rnd, "training")
             update, local_acc, dropped, t_train = train_local(st, rnd, rows, tick)
     except Interrupted:
-        return UpdateSum(st.main), None, 0, 0.0, INTERRUPTED
-    return update, local_acc, dropped, t_train, float(stop.requested)
+        return UpdateSum(st.main), None, 0, 0.0, True
+    return update, local_acc, dropped, t_train, False
 
 
 def train_local(st: Rank, rnd: int, rows: np.ndarray,
@@ -134,9 +134,11 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
     #    interrupts it within a step, and the rank votes to abandon the round.
     undo = MomentumUndo(st, rows)
-    update, local_acc, dropped, t_train, vote = train_or_interrupt(st, rnd, rows, stop)
+    update, local_acc, dropped, t_train, interrupted = train_or_interrupt(st, rnd, rows, stop)
     faults.maybe_inject(st.comm.rank, rnd)
-    # 3. one Allreduce, then the server optimizer's step along the mean update.
+    # 3. one Allreduce, then the server optimizer's step along the mean update; the stop vote: 1 for
+    #    a signal that came after training (the round completes), INTERRUPTED for one during it.
+    vote = INTERRUPTED if interrupted else float(stop.requested)
     buf, timing, dropped_total, stop_all, abandoned = aggregate(st, rnd, update, dropped, vote, selected)
     if abandoned:  # some rank's sum is incomplete: every rank drops the round; a resume reruns it
         undo.restore()

@@ -41,7 +41,8 @@ CLAIMED_WAIT_S = 2.0   # a rank that lost the O_EXCL race waits this long for th
 
 def interval_for(timeout: float) -> float:
     """Seconds between checks and heartbeat writes: a tenth of the timeout, within [0.2, 10]. A stage
-    change writes the heartbeat sooner, but never more often than every quarter interval."""
+    change writes the heartbeat sooner, but never sooner than a tenth interval after the last write
+    (so a frozen rank's heartbeat may show the stage it left that long before it froze)."""
     return min(10.0, max(0.2, timeout / 10))
 
 
@@ -123,7 +124,7 @@ class Watchdog:
             if self._closed.is_set():
                 return
             self._check()
-            self._closed.wait(self.interval / 4)  # at most four heartbeats an interval, however many stages
+            self._closed.wait(self.interval / 10)  # at most ten heartbeats an interval, however many stages
 
     def _check(self) -> None:
         """One round of the thread: re-arm the backstop, fire on a stall, write the heartbeat."""
