@@ -62,7 +62,8 @@ def test_raise_on_one_rank_ends_the_job_within_10_s_with_that_rank_error_once(sm
 @pytest.mark.parametrize("ranks", RANKS)
 def test_exit_on_one_rank_ends_the_job_within_10_s(small_data, tmp_path, ranks):
     result, ended = run_with_fault(small_data, tmp_path, ranks, f"exit:rank={ranks - 1}:round=3")
-    assert result.returncode == faults.EXIT_CODE  # the launcher passes the rank's own code on
+    # Open MPI's mpirun returns the rank's own code; MPICH's returns it or 9 (for the ranks it killed).
+    assert result.returncode in (faults.EXIT_CODE, 9)
     assert ended - injected_at(result.stderr) < 10
     assert_intact_after_fault_in_round_3(tmp_path)
 
