@@ -231,6 +231,8 @@ def run(cfg: Config, run_dir: Path, comm, resume: bool = False) -> int:
     if code == 0 and comm.rank == 0:
         save_model(st, run_dir / "model.pt")
     watch.close()
+    if code == checkpoint.STOP_EXIT_CODE:
+        comm.finish(code)  # all written and flushed: leave now, not after seconds of teardown
     return code
 
 
