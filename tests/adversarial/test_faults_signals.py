@@ -275,6 +275,23 @@ def test_a_stop_signal_ends_a_long_round_within_seconds(small_data, job, sig, ra
     assert not (j.run_dir / FOLDER).exists()
 
 
+def test_a_stopped_job_skips_the_interpreters_teardown(small_data, job, tmp_path):
+    """The teardown takes 2-3 s once torch is loaded: under srun that outlived SLURM's KillWait (5 s in
+    tools/slurm_local.sh) and the job ended killed (0:9). A stop finalizes MPI and leaves at once, so no
+    atexit hook runs; a normal end still tears down as usual."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import atexit, os, pathlib\n"
+                                           f"atexit.register(lambda: pathlib.Path({str(hook)!r}, "
+                                           "f'teardown-{os.getpid()}').touch())\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+    code, _, err, _ = run_job(job, ["--set", *BASE, small_data], 3, dict(env, FEDMPI_FAULT="term:rank=1:round=2"),
+                              name="stopped")
+    assert code == 75 and not list(hook.glob("teardown-*")), err
+    code, _, err, _ = run_job(job, ["--set", *BASE, small_data], 3, env, name="plain")
+    assert code == 0 and len(list(hook.glob("teardown-*"))) == 3, err  # the hook itself works
+
+
 @pytest.mark.parametrize("ranks", RANKS)
 def test_a_second_sigint_aborts_at_once_with_one_line(small_data, job, ranks):
     delays = ",".join(f"delay:rank={r}:round=1:seconds=120" for r in range(ranks))  # the stop cannot finish soon
@@ -336,7 +353,7 @@ def test_a_stop_after_the_last_rounds_training_finishes_the_run(small_data, job,
 
 
 def test_a_signal_during_the_start_up_abandons_round_1_and_the_resume_equals_a_plain_run(small_data, job):
-    args = ["--set", *SMALL, small_data, "central_epochs=30"]
+    args = ["--set", *SMALL, small_data, "central_epochs=20"]
     j = job(args, 3, name="stopped")
     pids = j.wait_stage("training the centralized baseline", None, ranks=[0])
     j.signal(pids.values(), signal.SIGTERM)
