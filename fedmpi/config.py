@@ -58,6 +58,7 @@ BOUNDS: dict[str, tuple] = {
     "seed": (0, 2**63 - 1, False, False),         # numpy SeedSequence, torch.manual_seed and an int64 HDF5 attribute
     "threads": (0, 1024, False, False),           # and at most THREADS_PER_CORE x the host's cores (runtime/device.py)
     "checkpoint_every": (0, 10**7, False, False),
+    "stall_timeout_s": (0, 86400, False, False),
     "chunk_nodes": (0, 10**7, False, False),
     "shards_per_node": (1, 1000, False, False),
     "lr": (0.0, 100.0, True, False),
@@ -108,6 +109,7 @@ class Config:
     engine: str = "batched"
     chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
     autocast: str = "none"        # bf16: matmuls of local training in bfloat16 (weights, momentum stay float32)
+    stall_timeout_s: float = 300.0  # end the job when a rank makes no progress this long; 0: no watchdog
     # Non-IID partitions.
     alpha: float = 0.5              # dirichlet: concentration; smaller is more label skew
     shards_per_node: int = 2        # shards: label-sorted shards dealt to each node (McMahan: 2)

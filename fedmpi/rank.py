@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .fl import server
 from .fl.aggregate import node_weights
 from .fl.server import ServerOptimizer
-from .runtime import checkpoint, memory
+from .runtime import checkpoint, memory, watchdog
 from .runtime.agree import on_every_rank
 from .runtime.comm import Comm, agreed
 from .runtime.device import configure_torch, pick_device, pick_threads, ranks_on_device
@@ -76,7 +76,9 @@ def ensure_data(cfg: Config, comm) -> Path:
     """Rank 0 prepares the shard file when missing; the others wait for it, then all check it."""
     with agreed(comm):  # rank 0's refusal (no dataset, not enough memory) ends every rank cleanly
         if comm.rank == 0:
+            watchdog.stage("preparing the shard file")
             prepare(cfg)
+    watchdog.stage("checking the shard file")
     with agreed(comm):
         check_matches(cfg, cfg.data_path)
     return cfg.data_path
@@ -94,6 +96,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     configure_torch(threads)
     mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
     path = ensure_data(cfg, comm)
+    watchdog.stage("reading this rank's shards")
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
     model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
@@ -111,6 +114,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     if resumed is not None:
         on_every_rank(comm, lambda: restore(st, *resumed, mine.stop))
     if comm.rank == 0:
+        watchdog.stage("reading the test set")
         st.test = to_device(*read_test(path), scale, device)
         st.rows = st.rows or []
         if cfg.central_epochs:
@@ -121,8 +125,10 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
             announce(comm, f"centralized baseline: cached in {cache_path(cfg)}" if load_cached(cfg) else
                      f"centralized baseline: training {cfg.central_epochs} {plural(cfg.central_epochs, 'epoch')} "
                      f"on every node's samples")
-            st.central = central_baseline(cfg, load_all_shards, *st.test, shape, classes)
+            watchdog.stage("training the centralized baseline")
+            st.central = central_baseline(cfg, load_all_shards, *st.test, shape, classes, watchdog.progress)
     announce(comm, f"{'resuming at' if st.done_rounds else 'starting'} round {st.done_rounds + 1} of {cfg.rounds}")
+    watchdog.stage("set up")
     return st
 
 

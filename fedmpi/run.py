@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -18,17 +19,17 @@ from .data.partition import node_ranges
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.params import load_flat
 from .errors import FedmpiError
-from .fl.aggregate import UpdateSum, Wire, summed_update, trailer
+from .fl.aggregate import INTERRUPTED, UpdateSum, Wire, round_abandoned, summed_update, trailer
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
 from .output import tensorboard
 from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_atomic, write_nodes_csv
 from .output.tensorboard import TensorBoardWriter
 from .rank import Rank, setup
-from .runtime import checkpoint, faults
+from .runtime import checkpoint, faults, watchdog
 from .runtime.agree import on_rank0
 from .runtime.comm import agreed
-from .runtime.stop import StopFlag
+from .runtime.stop import Interrupted, StopFlag, abort_on_second_interrupt
 
 DIVERGED_EXIT_CODE = 3
 
@@ -44,6 +45,25 @@ class RoundResult:
     row: Optional[dict]   # the metrics row, rank 0 only
     nodes: Optional[list]  # per-node scores, rank 0 only
     stop: bool            # some rank got a stop signal: every rank sees the same value
+    complete: bool = True  # False: a signal interrupted some rank's training; nobody applied the round
+
+
+class MomentumUndo:
+    """The momentum of a round's nodes before training, put back when the round is abandoned.
+
+    Only with momentum > 0: with 0 a buffer never reaches the next round's math (0 * buf).
+    Costs one copy of the selected nodes' momentum per round, on the momentum's device.
+    """
+
+    def __init__(self, st: Rank, rows: np.ndarray) -> None:
+        self.momentum = st.engine.state()["momentum"]
+        self.index = torch.as_tensor(rows, dtype=torch.int64, device=self.momentum.device)
+        keep = st.cfg.momentum > 0 and len(rows) > 0
+        self.saved = self.momentum.index_select(0, self.index) if keep else None
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            self.momentum.index_copy_(0, self.index, self.saved)
 
 
 def sync(device: torch.device) -> float:
@@ -53,12 +73,31 @@ def sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def train_local(st: Rank, rnd: int, rows: np.ndarray) -> tuple[UpdateSum, np.ndarray, int, float]:
+def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> tuple:
+    """train_local, and whether a stop signal interrupted it (then with an empty update: the round
+    will be abandoned)."""
+    watchdog.stage("training", rnd)
+
+    def tick() -> None:  # before every training step, on the engine's worker threads too
+        watchdog.progress()
+        stop.check()
+
+    try:
+        with stop.interruptible():
+            faults.maybe_inject(st.comm.rank, rnd, "training")
+            update, local_acc, dropped, t_train = train_local(st, rnd, rows, tick)
+    except Interrupted:
+        return UpdateSum(st.main), None, 0, 0.0, True
+    return update, local_acc, dropped, t_train, False
+
+
+def train_local(st: Rank, rnd: int, rows: np.ndarray,
+                tick: Optional[Callable[[], None]] = None) -> tuple[UpdateSum, np.ndarray, int, float]:
     """Train this rank's selected nodes (local indices `rows`); returns their summed update,
     local-model accuracies (NaN for nodes that sat the round out), dropped count, seconds."""
     update, local_acc, dropped = UpdateSum(st.main), np.full(len(st.samples), np.nan), 0
     lx, ly, loffsets = st.local_test
-    chunks, t_train = st.engine.train(st.main, rnd, rows), 0.0
+    chunks, t_train = st.engine.train(st.main, rnd, rows, tick), 0.0
     while True:
         t0 = sync(st.device)
         chunk = next(chunks, None)
@@ -97,12 +136,21 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     # 1. select: no message; every rank holds the main model after the last Allreduce and
     #    computes the round's node selection itself (seeded by round, not by rank).
     selected = select_nodes(cfg.nodes, cfg.fraction, cfg.seed, rnd)
-    # 2. local training of this rank's selected nodes, starting from the main model.
-    update, local_acc, dropped, t_train = train_local(st, rnd, local_selection(selected, st.first, st.end) - st.first)
+    rows = local_selection(selected, st.first, st.end) - st.first
+    # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
+    #    interrupts it within a step, and the rank votes to abandon the round.
+    undo = MomentumUndo(st, rows)
+    update, local_acc, dropped, t_train, interrupted = train_or_interrupt(st, rnd, rows, stop)
     faults.maybe_inject(st.comm.rank, rnd)
-    # 3. one Allreduce, then the server optimizer's step along the mean update.
-    buf, timing, dropped_total, stop_all = aggregate(st, rnd, update, dropped, stop.requested, selected)
+    # 3. one Allreduce, then the server optimizer's step along the mean update; the stop vote: 1 for
+    #    a signal that came after training (the round completes), INTERRUPTED for one during it.
+    vote = INTERRUPTED if interrupted else float(stop.requested)
+    buf, timing, dropped_total, stop_all, abandoned = aggregate(st, rnd, update, dropped, vote, selected)
+    if abandoned:  # some rank's sum is incomplete: every rank drops the round; a resume reruns it
+        undo.restore()
+        return RoundResult(None, None, stop=True, complete=False)
     # 4. evaluate: the main model on each local test split here, on the test set at rank 0.
+    watchdog.stage("evaluating", rnd)
     t1 = sync(st.device)
     main_on_local = per_node_accuracy(st.model, st.main, *st.local_test)
     evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
@@ -120,15 +168,18 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
 
 
-def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, stop: bool, selected: np.ndarray) -> tuple:
+def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, selected: np.ndarray) -> tuple:
     """Allreduce(SUM) of [updates, weight, dropped, stop votes] (a rank without selected nodes sends
-    zeros), then move the main model; returns the buffer, timings, dropped total, agreed stop."""
+    zeros), then move the main model unless the round is abandoned; returns the buffer, timings,
+    dropped total, agreed stop, abandoned."""
     cfg, comm = st.cfg, st.comm
     most_nodes = len(node_ranges(cfg.nodes, comm.size)[0])  # rank 0 holds the largest block
     wire = Wire(cfg.update_dtype, comm.size, comm.rank, most_nodes)
-    buf = update.pack(dropped, stop, wire, float(st.all_weights[selected].sum()))
+    buf = update.pack(dropped, vote, wire, float(st.all_weights[selected].sum()))
     timing = comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
     _, dropped_total, stop_all = trailer(buf, wire)
+    if round_abandoned(buf, wire):
+        return buf, timing, dropped_total, True, True
     if dropped_total > cfg.max_dropped_fraction * len(selected):
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
@@ -137,7 +188,7 @@ def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, stop: bool, s
     elif comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node: nothing to average
         print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "
               f"optimizer stay as they were", file=sys.stderr, flush=True)
-    return buf, timing, dropped_total, stop_all
+    return buf, timing, dropped_total, stop_all, False
 
 
 def progress(st: Rank, done: int) -> None:
@@ -186,6 +237,7 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
     last evaluated round."""
     if result.row is None:
         return
+    watchdog.stage("writing metrics", result.row["round"])
     st.rows.append(result.row)
     writer.write(result.row)
     if board is not None:
@@ -201,32 +253,56 @@ def run(cfg: Config, run_dir: Path, comm, resumed: Optional[tuple] = None) -> in
     `resumed`: the checkpoint folder and its checked meta.json (rundir.open_run_dir) to continue from.
     """
     started = time.perf_counter()
-    if cfg.tensorboard:
-        with agreed(comm):  # before anything is written: the same one line everywhere
+    stop = StopFlag(abort_on_second_interrupt(comm)).install()
+    watch = watchdog.start(run_dir, comm, cfg.stall_timeout_s)
+    with agreed(comm):  # before anything is written: the same one line everywhere
+        faults.active()  # a malformed FEDMPI_FAULT fails now, not after the start-up
+        if cfg.tensorboard:
             tensorboard.require()
-    stop = StopFlag().install()
     st = setup(cfg, comm, resumed)
     st.clock_zero = started - elapsed_before(st.rows)
     writer = start_files(st, run_dir)
     board = TensorBoardWriter(run_dir, st.rows) if comm.rank == 0 and cfg.tensorboard else None
     comm.barrier()  # rank 0 may have trained the baseline: keep that wait out of round 1's t_wait
+    code = run_rounds(st, run_dir, writer, board, stop)
+    stop.settle()  # from here on a signal changes nothing: the exit code stays what was decided
+    if code == 0:
+        on_rank0(comm, lambda: save_model(st, run_dir / "model.pt"))
+    watch.close()
+    if code == checkpoint.STOP_EXIT_CODE:
+        comm.finish(code)  # all written and flushed: leave now, not after seconds of teardown
+    return code
+
+
+def run_rounds(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], board: Optional[TensorBoardWriter],
+               stop: StopFlag) -> int:
+    """The rounds after the checkpoint's; 0 when all are done, 75 when a signal stopped them."""
+    cfg = st.cfg
     for rnd in range(st.done_rounds + 1, cfg.rounds + 1):
         result = run_round(st, rnd, stop)
         record(st, run_dir, writer, result, board)
-        # A stop in the last round has nothing left to resume: the run ends as complete, with its model.
-        stopping = result.stop and rnd < cfg.rounds
-        if stopping or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
-            checkpoint.save(run_dir, comm, cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
-                            st.first, st.rows)
-        if result.stop and not stopping and comm.rank == 0:
-            print(f"a stop signal came in the last round ({rnd}): the run is complete", flush=True)
-        if stopping:
-            if comm.rank == 0:
-                print(f"stopped after round {rnd} by a signal; checkpoint in {run_dir}/checkpoint; "
-                      f"continue with: fedmpi run --resume {run_dir}", flush=True)
-            return checkpoint.STOP_EXIT_CODE
-    on_rank0(comm, lambda: save_model(st, run_dir / "model.pt"))
+        if result.stop and not (result.complete and rnd == cfg.rounds):  # a complete last round just ends
+            return stop_job(st, run_dir, stop, rnd if result.complete else rnd - 1, result.complete)
+        if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+            save_checkpoint(st, run_dir, rnd)
     return 0
+
+
+def save_checkpoint(st: Rank, run_dir: Path, rnd: int) -> None:
+    watchdog.stage("writing the checkpoint", rnd)
+    checkpoint.save(run_dir, st.comm, st.cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
+                    st.first, st.rows)
+
+
+def stop_job(st: Rank, run_dir: Path, stop: StopFlag, done: int, complete: bool) -> int:
+    """Checkpoint the last complete round, say so once for the job (rank 0); exit code 75."""
+    save_checkpoint(st, run_dir, done)
+    if st.comm.rank == 0:
+        by = f"by {signal.Signals(stop.signum).name}" if stop.requested else "by a signal"
+        when = f"after round {done}" if complete else f"during round {done + 1} (abandoned: it reruns on resume)"
+        print(f"stopped {by} {when}; checkpoint of round {done} in {run_dir}/checkpoint; "
+              f"continue with: fedmpi run --resume {run_dir}", flush=True)
+    return checkpoint.STOP_EXIT_CODE
 
 
 def save_model(st: Rank, path: Path) -> None:

@@ -1,7 +1,7 @@
 """Local training: models, the sequential and batched engines, evaluation, the centralized baseline."""
 from __future__ import annotations
 
-from typing import Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -14,8 +14,10 @@ from .sequential import Chunk, SequentialEngine
 class Engine(Protocol):
     """What the round loop asks of an engine (SequentialEngine, BatchedEngine)."""
 
-    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
-        """Train the local nodes `rows` (all when None) from `main`; yield them in node order."""
+    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
+              tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
+        """Train the local nodes `rows` (all when None) from `main`; yield them in node order.
+        `tick()` runs before every training step; an exception it raises ends the training."""
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state to checkpoint (momentum [nodes, P])."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -86,17 +86,19 @@ class BatchedEngine:
         self.chunk = chunk
         self.workers = torch.get_num_threads() if x.device.type == "cpu" else 1
 
-    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
-        """Yield trained chunks in node order, each node started from `main`; `rows` limits the nodes."""
+    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
+              tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
+        """Yield trained chunks in node order, each node started from `main`; `rows` limits the nodes;
+        `tick()` runs before every step, on the worker threads too (an exception from it ends training)."""
         rows = np.arange(len(self.offsets) - 1) if rows is None else np.asarray(rows, dtype=np.int64)
         parts = split_rows(rows, self.chunk, self.workers)
-        train_part = lambda part: self._train_part(main, rnd, part)  # noqa: E731
+        train_part = lambda part: self._train_part(main, rnd, part, tick)  # noqa: E731
         if self.workers == 1 or len(parts) == 1:
             yield from map(train_part, parts)
         else:
             yield from parallel_in_order(train_part, parts, self.workers)
 
-    def _train_part(self, main: torch.Tensor, rnd: int, part: np.ndarray) -> Chunk:
+    def _train_part(self, main: torch.Tensor, rnd: int, part: np.ndarray, tick: Optional[Callable[[], None]]) -> Chunk:
         ids = [self.first_node + int(k) for k in part]
         if np.diff(self.offsets)[part].sum() == 0:  # no data at all: the nodes keep `main`
             return Chunk(ids, main.expand(len(part), -1).clone())
@@ -105,7 +107,7 @@ class BatchedEngine:
         # A contiguous block trains in place; a sampled subset is gathered and written back.
         block = part[-1] - part[0] + 1 == len(part)
         mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
-        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu)
+        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick)
         if not block:
             self.momentum[torch.from_numpy(part)] = mom
         return Chunk(ids, params)

@@ -66,15 +66,15 @@ def write_cache(path: Path, result: dict) -> None:
 
 
 def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                  input_shape: tuple, classes: int) -> dict:
-    """Train for cfg.central_epochs, scoring the test set after each epoch."""
+                  input_shape: tuple, classes: int, tick: Optional[Callable[[], None]] = None) -> dict:
+    """Train for cfg.central_epochs, scoring the test set after each epoch; `tick()` before each step."""
     model = build_model(cfg.model, input_shape, classes, cfg.seed).to(x.device)
     params = list(model.parameters())
     bufs = views(torch.zeros(sum(p.numel() for p in params), device=x.device), params)
     gen = batch_generator(cfg.seed, 0, 0, stream=CENTRAL_STREAM)
     accs, losses = [], []
     for _ in range(cfg.central_epochs):
-        sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen)
+        sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen, tick=tick)
         acc, loss = accuracy_loss(model, flatten(params), test_x, test_y)
         accs.append(acc)
         losses.append(loss)
@@ -82,7 +82,7 @@ def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.T
 
 
 def central_baseline(cfg: Config, load_train: Callable[[], tuple], test_x: torch.Tensor, test_y: torch.Tensor,
-                     input_shape: tuple, classes: int) -> dict:
+                     input_shape: tuple, classes: int, tick: Optional[Callable[[], None]] = None) -> dict:
     """The cached result when there is one, else train and cache it (written atomically).
 
     `load_train` returns the union of all shards on the device; it is called only when training,
@@ -91,6 +91,6 @@ def central_baseline(cfg: Config, load_train: Callable[[], tuple], test_x: torch
     cached = load_cached(cfg)
     if cached is not None:
         return dict(cached, cached=True)
-    result = train_central(cfg, *load_train(), test_x, test_y, input_shape, classes)
+    result = train_central(cfg, *load_train(), test_x, test_y, input_shape, classes, tick)
     write_cache(cache_path(cfg), result)
     return dict(result, cached=False)

@@ -1,7 +1,7 @@
 """The batched engine's fast path for MLPs: stacked Linear/ReLU layers with a hand-written backward."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -44,14 +44,18 @@ class MLPKernel:
         self.slots = [(where[id(t)], tuple(t.shape)) for lin, _ in layers for t in (lin.weight, lin.bias)]
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-            plan: Plan, lr: float, m: float, mu: float = 0.0) -> torch.Tensor:
-        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place."""
+            plan: Plan, lr: float, m: float, mu: float = 0.0,
+            tick: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
+        `tick()` runs before each step (progress, and a stop signal raising out of the chunk)."""
         K = mom.shape[0]
         params = self._split(main.expand(K, -1))
         bufs = self._split(mom)
         anchor = self._split(main[None]) if mu else None
         xs = x.reshape(len(x), -1)
         for s in range(plan.idx.shape[0]):
+            if tick is not None:
+                tick()
             scale = None if plan.full[s] else plan.active[s]
             self._step(params, bufs, xs, y, plan.idx[s], plan.weight[s], scale, m)
             if mu:

@@ -7,7 +7,7 @@ between rounds without one optimizer object per node.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -35,12 +35,13 @@ def compute_dtype(cfg) -> Optional[torch.dtype]:
 def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator,
                prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None,
-               dtype: Optional[torch.dtype] = None) -> None:
+               dtype: Optional[torch.dtype] = None, tick: Optional[Callable[[], None]] = None) -> None:
     """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
 
     The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
     With prox_mu > 0 (FedProx) the gradient of mu/2 ||w - anchor||^2 is added to each step's.
     dtype bfloat16: the forward and its backward run under torch.autocast (mixed precision).
+    `tick()` runs before each step (progress, and a stop signal raising out of training).
     """
     params = list(model.parameters())
     n = len(y)
@@ -48,6 +49,8 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(x.device)
         for start in range(0, n, batch_size):
+            if tick is not None:
+                tick()
             idx = order[start:start + batch_size]
             with autocast:
                 loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -80,8 +83,10 @@ class SequentialEngine:
         # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
         self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
 
-    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None) -> Iterator[Chunk]:
-        """Yield each node trained from `main`; `rows` (local indices) limits it to the round's selection."""
+    def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
+              tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
+        """Yield each node trained from `main`; `rows` (local indices) limits it to the round's selection;
+        `tick()` runs before every step."""
         cfg = self.cfg
         anchor = views(main, self.params)
         for k in (range(len(self.offsets) - 1) if rows is None else rows):
@@ -90,7 +95,7 @@ class SequentialEngine:
             load_flat(self.params, main)
             sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
                        cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
-                       cfg.prox_mu, anchor, compute_dtype(cfg))
+                       cfg.prox_mu, anchor, compute_dtype(cfg), tick)
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,17 @@ class VmapKernel:
         return self._local.grads
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-            plan: Plan, lr: float, m: float, mu: float = 0.0) -> torch.Tensor:
-        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place."""
+            plan: Plan, lr: float, m: float, mu: float = 0.0,
+            tick: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
+        `tick()` runs before each step (progress, and a stop signal raising out of the chunk)."""
         K, grads = mom.shape[0], self._grads()
         flat = main.expand(K, -1).clone()
         params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
                                        zip(views_k(flat, self.like), self.like)]))
         for s in range(plan.idx.shape[0]):
+            if tick is not None:
+                tick()
             idx = plan.idx[s]
             with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 g = grads(params, x[idx], y[idx], plan.weight[s])

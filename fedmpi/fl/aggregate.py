@@ -1,9 +1,10 @@
 """Aggregation math, pure torch: no MPI here, so it is tested with hand-computed arrays.
 
 Each rank packs sum_k w_k * (theta_k - theta_main) over its nodes, followed by a trailer of
-sum_k w_k, the count of nodes dropped (NaN/Inf) and the rank's stop vote (a signal arrived),
-into one flat buffer; one Allreduce(SUM) adds the ranks, so the ranks agree on the average, on
-the dropped count and on stopping without another round trip; `apply_update` divides and adds
+sum_k w_k, the count of nodes dropped (NaN/Inf) and the rank's stop vote (0, 1 after a signal,
+INTERRUPTED when the signal cut its training short), into one flat buffer; one Allreduce(SUM)
+adds the ranks, so the ranks agree on the average, on the dropped count, on stopping and on
+abandoning the round without another round trip; `apply_update` divides and adds
 the mean update to the main model in one pass. Summing updates rather than weights keeps the
 rounding error of the float32 sums at the scale of the update, far below the weights' own last
 bit, so the result hardly depends on how many ranks took part.
@@ -17,6 +18,7 @@ codec's own rounding, like the update it rescales.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,7 +86,7 @@ class UpdateSum:
             self.total.addmv_((params.float() - self.main.float()).t(), w)
             self.weight += float(np.sum(weights))
 
-    def pack(self, dropped: int = 0, stop: bool = False, wire: Wire = FP32, round_weight: float = 1.0) -> np.ndarray:
+    def pack(self, dropped: int = 0, stop: float = 0.0, wire: Wire = FP32, round_weight: float = 1.0) -> np.ndarray:
         """The collective's payload: the updates, then the trailer (`Wire.tail` values).
 
         fp32: the payload itself (the Allreduce sums it in place), divided after the Allreduce.
@@ -104,6 +106,11 @@ class UpdateSum:
         return encode(torch.cat([self.total.double() / round_weight, tail.to(self.total.device)]), wire.dtype)
 
 
+# A stop vote: this rank's training was interrupted, its sum is incomplete. Infinity survives the sum in
+# every update dtype (inf + x = inf), so every rank sees it and abandons the round.
+INTERRUPTED = math.inf
+
+
 def trailer(reduced: np.ndarray, wire: Wire = FP32) -> tuple[float, int, bool]:
     """(total weight, nodes dropped, any rank voted to stop) from an all-reduced buffer.
 
@@ -114,6 +121,12 @@ def trailer(reduced: np.ndarray, wire: Wire = FP32) -> tuple[float, int, bool]:
         return weight, int(round(dropped)), stop > 0
     values = decode(reduced[-wire.tail:], wire.dtype).numpy()
     return float(values[0]), decode_count(values[1:-1], wire.code), bool(values[-1] > 0)
+
+
+def round_abandoned(reduced: np.ndarray, wire: Wire = FP32) -> bool:
+    """Whether some rank voted INTERRUPTED in an all-reduced buffer: nobody may apply this round."""
+    stop = reduced[-1:]  # the stop vote is the trailer's last value in every layout
+    return not math.isfinite(float(stop[0] if wire.dtype == "fp32" else decode(stop, wire.dtype)[0]))
 
 
 def summed_update(reduced: np.ndarray, wire: Wire = FP32) -> tuple[torch.Tensor, float]:

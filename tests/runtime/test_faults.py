@@ -63,7 +63,8 @@ def test_raise_on_one_rank_ends_the_job_with_that_rank_error_once(small_data, tm
 @pytest.mark.parametrize("ranks", RANKS)
 def test_exit_on_one_rank_ends_the_job(small_data, tmp_path, ranks):
     result, _ = run_with_fault(small_data, tmp_path, ranks, f"exit:rank={ranks - 1}:round=3")
-    assert result.returncode != 0
+    # Open MPI's mpirun returns the rank's own code; MPICH's returns it or 9 (for the ranks it killed).
+    assert result.returncode in (faults.EXIT_CODE, 9)
     injected_at(result.stderr)  # the fault fired, once
     assert_intact_after_fault_in_round_3(tmp_path)
 
@@ -181,7 +182,7 @@ def test_raise_and_delay_fire_only_on_their_rank_and_round(monkeypatch):
         faults.maybe_inject(1, 2)
 
 
-@pytest.mark.parametrize("kind,code", [("exit", 3), ("kill", -signal.SIGKILL)])
+@pytest.mark.parametrize("kind,code", [("exit", faults.EXIT_CODE), ("kill", -signal.SIGKILL)])
 def test_exit_and_kill_end_a_real_process(kind, code):
     script = "from fedmpi.runtime import faults\nfaults.maybe_inject(0, 1)\nfaults.maybe_inject(2, 5)\nprint('survived')"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
