@@ -63,11 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--venvs", type=Path, default=venvs.DEFAULT_ROOT, help="where the peers' environments live")
     p.add_argument("--round-timeout", type=float, default=3600, help="seconds one round may take before it is stopped")
     p.add_argument("--json", type=Path, default=None, help="write every record and the tables' inputs here")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON", help="print the tables of a saved --json file")
     args = p.parse_args(argv)
     q = args.quick
-    args.rounds = args.rounds or (2 if q else 5)
-    args.cnn_rounds = args.cnn_rounds or (2 if q else 3)
-    args.epochs = args.epochs or (2 if q else 10)
+    pick = lambda given, quick, full: given if given is not None else (quick if q else full)  # noqa: E731
+    args.rounds, args.cnn_rounds = pick(args.rounds, 2, 5), pick(args.cnn_rounds, 2, 3)
+    args.epochs = pick(args.epochs, 2, 10)
     args.models = (args.models or ("2nn" if q else "2nn,cnn")).split(",")
     args.peers = [] if args.peers == "none" else args.peers.split(",")
     args.pfl_layouts = (args.pfl_layouts or ("2x1" if q else "1x1,1x2,2x1")).split(",")
@@ -141,18 +142,39 @@ def block(args, w: contenders.Workload, pythons: dict, best: dict) -> list[dict]
           f"{w.device}; order per round: {', '.join(c.name for c in lines)} (reversed in even rounds)", flush=True)
     results = runner.run_all(lines, args.work, w.model, w.rounds, (1800.0, args.round_timeout),
                              say=lambda s: print(s, flush=True))
+    print_tables(results)
+    return results
+
+
+def print_tables(results: list[dict]) -> None:
+    """The table, the speed-ups and accuracy gaps, and what each line's semantics are."""
     print("\n" + report.table(results, REF) + "\n")
-    acc_ref = "fedmpi -n 2, local_state: reset" if has_local_state() else REF
+    reset = "fedmpi -n 2, local_state: reset"
+    acc_ref = reset if any(c["name"] == reset for c in results) else REF
     for line in report.summary_lines(results, REF, acc_ref):
         print(line)
-    shown = {"fedmpi"} | {c["peer"] for c in results} | ({"fedmpi reset"} if has_local_state() else set())
+    shown = {"fedmpi"} | {c["peer"] for c in results} | ({"fedmpi reset"} if acc_ref == reset else set())
     legend = [f"- {text}" for key, (_, text) in contenders.SEMANTICS.items() if key in shown]
     print("\nSemantics:\n" + "\n".join(legend))
-    return results
+
+
+def reprint(path: Path) -> int:
+    """--report: the tables of a saved run (its JSON keeps every per-round record)."""
+    saved = json.loads(path.read_text())
+    print(f"{path}: {saved['machine']['cpu']}, {saved['machine']['cores']} cores; load average "
+          f"{saved['load_start']:.1f} at start, {saved['load_end']:.1f} at end")
+    for model, block_ in saved["models"].items():
+        print(f"\n## {model}: {block_['rounds']} round(s) of {block_['epochs']} local epoch(s)")
+        for c in block_["contenders"]:
+            c["rounds"] = {int(k): v for k, v in c["rounds"].items()}
+        print_tables(block_["contenders"])
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return reprint(args.report)
     args.work.mkdir(parents=True, exist_ok=True)
     info = machine()
     load0 = os.getloadavg()[0]

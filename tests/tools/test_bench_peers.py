@@ -89,3 +89,29 @@ def test_fedmpi_lines_end_to_end_without_peers(tmp_path):
     assert n2["rounds"]["1"]["test_acc"] == n1["rounds"]["1"]["test_acc"] > 0.12
     assert n2["rounds"]["1"]["seconds"] > 0 and n2["processes"] == n1["processes"] + 1   # one rank more
     assert Path(n2["log"]).exists() and "threads=1" in n2["command"] and "threads=2" in n1["command"]
+
+
+def bench(*args, timeout=120):
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_peers.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_saved_run_prints_its_tables_again(tmp_path):
+    con = [dict(name="fedmpi -n 2", peer="fedmpi", semantics="momentum kept; reshuffled",
+                rounds={"1": dict(seconds=9.0, test_acc=0.86), "2": dict(seconds=4.0, test_acc=0.9)}, status="ok"),
+           dict(name="pfl 2x1", peer="pfl", semantics="fresh optimizer; fixed order",
+                rounds={"1": dict(seconds=9.0, test_acc=0.85), "2": dict(seconds=6.0, test_acc=0.9)}, status="ok")]
+    saved = dict(machine=dict(cpu="Some CPU", cores=2), load_start=1.0, load_end=2.0,
+                 models={"2nn": dict(rounds=2, epochs=10, contenders=con)})
+    (tmp_path / "run.json").write_text(json.dumps(saved))
+    proc = bench("--report", str(tmp_path / "run.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "| pfl 2x1 | fresh optimizer; fixed order | 6.00 (6.00-6.00, 1) | 0.67 |" in proc.stdout
+    assert "fedmpi -n 2 is 1.50x as fast as pfl 2x1" in proc.stdout
+
+
+@pytest.mark.parametrize("args, named", [(["--models", "3nn"], "'3nn'"), (["--peers", "tff"], "'tff'"),
+                                         (["--pfl-layouts", "2by1"], "'2by1'"), (["--rounds", "0"], "--rounds")])
+def test_bad_options_end_with_one_line_naming_them(args, named):
+    proc = bench(*args)
+    assert proc.returncode == 2 and named in proc.stderr.strip().splitlines()[-1]
