@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 from pathlib import Path
 
@@ -176,6 +177,11 @@ def main(argv=None) -> int:
     if args.report:
         return reprint(args.report)
     args.work.mkdir(parents=True, exist_ok=True)
+    # A benchmark stopped by a signal still stops its contenders (run_all's finally): SIGTERM and SIGHUP
+    # exit through Python, and SIGINT interrupts even where a background shell had it ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     info = machine()
     load0 = os.getloadavg()[0]
     print(f"$ python tools/bench_peers.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
@@ -199,10 +205,10 @@ def main(argv=None) -> int:
             if name:
                 best.setdefault(peer, name.split()[-1])
         out["models"][model] = dict(rounds=w.rounds, epochs=w.epochs, contenders=results)
-    out["load_end"] = os.getloadavg()[0]
-    print(f"\nload average at end {out['load_end']:.1f} (other processes on the host skew absolute times)")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        out["load_end"] = os.getloadavg()[0]
+        if args.json:   # after each model: a long run stopped later keeps what it measured
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"\nload average at end {out.get('load_end', load0):.1f} (other processes on the host skew absolute times)")
     return 0
 
 

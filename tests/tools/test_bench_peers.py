@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,29 @@ def test_saved_run_prints_its_tables_again(tmp_path):
 def test_bad_options_end_with_one_line_naming_them(args, named):
     proc = bench(*args)
     assert proc.returncode == 2 and named in proc.stderr.strip().splitlines()[-1]
+
+
+def test_stopping_a_contender_also_ends_children_in_groups_of_their_own(tmp_path):
+    """mpirun's ranks and torchrun's workers sit in process groups of their own: stop() must reach them."""
+    script = tmp_path / "launcher.py"
+    script.write_text(textwrap.dedent(f"""
+        import signal, subprocess, sys
+        sys.path.insert(0, {str(ROOT / "tools" / "peers")!r})
+        from pacing import Pacer
+        child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                  "signal.SIG_IGN); time.sleep(600)"], start_new_session=True)
+        open({str(tmp_path / "child.pid")!r}, "w").write(str(child.pid))
+        Pacer.from_env(announce=True).wait(1)
+    """))
+    r = runner.Running(Contender("L", "fake", "s", [sys.executable, str(script)]), tmp_path / "work", "2nn")
+    assert r.wait_ready(1, 120)
+    child = int((tmp_path / "child.pid").read_text())
+    assert runner.descendants(r.proc.pid) == [child]
+    r.stop(grace_s=2)
+    assert r.proc.poll() is not None
+    for _ in range(50):
+        state = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(f"/proc/{child}/stat").exists() else "gone"
+        if state in ("gone", "Z"):
+            break
+        time.sleep(0.1)
+    assert state in ("gone", "Z")

@@ -65,19 +65,22 @@ class Running:
         return False
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """End the whole process group: SIGTERM, then SIGKILL after `grace_s`."""
+        """End the contender: SIGTERM to its group and every process below it, SIGKILL to what is left after
+        `grace_s`. Launchers put their children in groups of their own (mpirun's ranks, torchrun's workers),
+        so the tree is listed by parent id first."""
         if self.proc.poll() is not None:
             return
+        tree = descendants(self.proc.pid)
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
+            _signal(self.proc.pid, tree, sig)
             try:
                 self.proc.wait(wait_s)
-                return
             except subprocess.TimeoutExpired:
                 continue
+            if sig == signal.SIGTERM:
+                time.sleep(0.5)   # the launcher is gone; give its children a moment, then make sure
+                _signal(self.proc.pid, tree, signal.SIGKILL)
+            return
 
     def rounds(self) -> dict[int, dict]:
         return read_rounds(self.c, self.log)
@@ -89,9 +92,17 @@ class Running:
                     events=events(self.log), **self.rss)
 
 
-def tree_rss(root: int) -> dict:
-    """Peak RSS (VmHWM) summed over `root` and every process below it, the largest one, and their count.
-    Pages shared between processes (libraries, Ray's object store) count once per process."""
+def _signal(root: int, tree: list[int], sig: int) -> None:
+    """`sig` to the group of `root` and to each listed process (those already gone are skipped)."""
+    for send, target in [(os.killpg, root)] + [(os.kill, pid) for pid in tree]:
+        try:
+            send(target, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below `root` (by parent id, from /proc), not `root` itself."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -100,10 +111,19 @@ def tree_rss(root: int) -> dict:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    peaks, todo = [], [root]
+    found, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
+        found.append(pid)
         todo += children.get(pid, [])
+    return found
+
+
+def tree_rss(root: int) -> dict:
+    """Peak RSS (VmHWM) summed over `root` and every process below it, the largest one, and their count.
+    Pages shared between processes (libraries, Ray's object store) count once per process."""
+    peaks = []
+    for pid in [root] + descendants(root):
         try:
             hwm = [ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmHWM:")]
         except OSError:
