@@ -67,14 +67,14 @@ def test_table_rows_carry_ratio_rss_accuracy_and_mark_each_peers_fastest():
     res = [result("fedmpi -n 2", "fedmpi", [9, 2, 2], accs=[0.8, 0.9, 0.93], rss_sum_mib=1500.0, rss_max_mib=790.0,
                   processes=4),
            result("pfl 1x1", "pfl", [9, 8, 8]), result("pfl 2x1", "pfl", [9, 4, 4]),
-           dict(result("flwr 2x1", "flwr", [30]), status="stopped: no progress in 60 s")]
+           dict(result("flwr 2x1", "flwr", [30]), status="stopped: no progress in 60 s; last output: INFO x")]
     lines = report.table(res, "fedmpi -n 2").splitlines()
     assert lines[0].startswith("| contender | semantics |") and lines[1].startswith("|---")
     ref_row, slow, fast, failed = lines[2:]
     assert "| 2.00 (2.00-2.00, 2) | 1.00 | 1500 (4 proc., largest 790) | 0.8000 0.9000 0.9300 |" in ref_row
     assert "| 0.25 |" in slow and "(fastest)" not in slow
     assert fast.startswith("| pfl 2x1 **(fastest)** |") and "| 0.50 |" in fast
-    assert "(stopped: no progress in 60 s)" in failed and "| 30.00 (30.00-30.00, 1) |" in failed
+    assert failed.startswith("| flwr 2x1 (stopped: no progress in 60 s) |") and "| 30.00 (30.00-30.00, 1) |" in failed
 
 
 def test_summary_lines_state_the_speedup_over_each_peers_fastest_and_accuracy_gaps():
@@ -114,3 +114,26 @@ def test_records_are_read_from_metrics_jsonl_or_json_lines_among_other_output(tm
     peer = contenders.Contender("pfl 2x1", "pfl", "s", [])
     assert contenders.read_rounds(peer, log) == {1: dict(seconds=2.5, test_acc=0.7), 2: dict(seconds=2.0, test_acc=0.8)}
     assert contenders.events(log) == [{"event": "start", "versions": {"pfl": "0.6.0"}}]
+
+
+def test_log_tail_skips_warnings_and_colour_codes(tmp_path):
+    from peers import venvs
+    log = tmp_path / "x.log"
+    log.write_text("ok line\n\x1b[92mINFO \x1b[0m: sampled 100\nWARNING: Location ignored\n\n")
+    assert venvs.tail(log) == "INFO : sampled 100"
+    assert venvs.tail(tmp_path / "missing.log") == ""
+
+
+def test_peer_environment_is_reused_when_its_stamp_matches_and_a_failed_install_is_one_line(tmp_path):
+    from peers import venvs
+    said = []
+    ready = tmp_path / "pfl"
+    (ready / "bin").mkdir(parents=True)
+    (ready / "bin" / "python").touch()
+    (ready / venvs.STAMP).write_text(json.dumps(["pfl==0.6.0"]))
+    assert venvs.ensure("pfl", ["pfl==0.6.0"], tmp_path, say=said.append) == ready / "bin" / "python"
+    assert said == []
+    # A requirement pip cannot parse fails without reaching any index: the peer is left out in one line.
+    assert venvs.ensure("flwr", ["flwr[simulation]=="], tmp_path, say=said.append) is None
+    assert len(said) == 2 and said[0].startswith("flwr: installing") and said[1].startswith("flwr: left out:")
+    assert not (tmp_path / "flwr" / venvs.STAMP).exists()

@@ -69,7 +69,7 @@ def row(c: dict, ref: Optional[dict], marks: dict[str, str]) -> str:
     rss = "-" if c.get("rss_sum_mib") is None else \
         f"{c['rss_sum_mib']:.0f} ({c.get('processes', 0)} proc., largest {c['rss_max_mib']:.0f})"
     accs = " ".join(_num(c["rounds"][r]["test_acc"], ".4f") for r in sorted(c["rounds"])) or "-"
-    status = "" if c.get("status", "ok") == "ok" else f" ({c['status']})"
+    status = "" if c.get("status", "ok") == "ok" else f" ({c['status'].split(';')[0]})"   # the why, not the log
     return (f"| {c['name']}{marks.get(c['name'], '')}{status} | {c['semantics']} | {timing} | {_num(ratio, '.2f')} "
             f"| {rss} | {accs} |")
 

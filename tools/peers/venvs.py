@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ def peer_packages(torch_version: str) -> dict[str, list[str]]:
 def tail(path: Path, lines: int = 1) -> str:
     """The last non-empty, non-warning lines of a log (pip's error is at the end)."""
     try:
-        text = [t for t in path.read_text(errors="replace").splitlines() if t.strip() and "WARNING" not in t]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(errors="replace"))   # colour codes of loggers
+        text = [t for t in plain.splitlines() if t.strip() and "WARNING" not in t]
     except OSError:
         return ""
     return " | ".join(text[-lines:])
