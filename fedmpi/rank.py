@@ -11,7 +11,7 @@ import torch
 from .config import Config
 from .data.partition import node_ranges
 from .data.prepare import check_matches, prepare
-from .data.shards import read_attrs, read_nodes, read_offsets, read_test
+from .data.shards import read_attrs, read_client_ids, read_nodes, read_offsets, read_test
 from .engine import Engine, make_engine
 from .engine.central import central_baseline
 from .engine.models import build_model
@@ -44,6 +44,7 @@ class Rank:
     rows: Optional[list] = None   # metrics rows so far, rank 0 only
     all_weights: Optional[np.ndarray] = None  # aggregation weight of every node (the round's total weight)
     server: Optional[ServerOptimizer] = None  # the server optimizer applied to the mean update
+    client_ids: Optional[list] = None  # each node's client id when the shard file has them, rank 0 only
 
     @property
     def end(self) -> int:
@@ -52,8 +53,11 @@ class Rank:
 
 
 def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> tuple:
-    """uint8 images -> float32 in [0, 1] on the device, held once per rank for the whole run."""
-    return torch.from_numpy(x).to(device).float().mul_(scale), torch.from_numpy(y).to(device)
+    """Inputs as float32 times pixel_scale on the device (uint8 images converted there), held once per rank."""
+    x = torch.from_numpy(x).to(device)
+    if x.dtype != torch.float32 or scale != 1.0:  # float32 inputs at scale 1 are used as they are
+        x = x.float().mul_(scale)
+    return x, torch.from_numpy(y).to(device)
 
 
 def ensure_data(cfg: Config, comm) -> Path:
@@ -73,7 +77,7 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
     resumed = checkpoint.load_meta(resume_dir, cfg) if resume_dir is not None else None
     path = ensure_data(cfg, comm)
     attrs = read_attrs(path)
-    shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
+    shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
     train = read_nodes(path, "train", mine.start, mine.stop)
     local = read_nodes(path, "local_test", mine.start, mine.stop)
     model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
@@ -87,7 +91,7 @@ def setup(cfg: Config, comm, resume_dir: Optional[Path] = None) -> Rank:
         restore(st, *resumed, mine.stop)
     if comm.rank == 0:
         st.test = to_device(*read_test(path), scale, device)
-        st.rows = st.rows or []
+        st.rows, st.client_ids = st.rows or [], read_client_ids(path)
         if cfg.central_epochs:
             def load_all_shards() -> tuple:
                 everything = read_nodes(path, "train", 0, cfg.nodes)
