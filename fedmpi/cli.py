@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from .config import load_config, parse_overrides
+from .data.importing import add_parser as add_import_parser
+from .data.importing import cmd_import
 from .errors import ConfigError, FedmpiError
 from .runtime.comm import fail_job, install_excepthook, world
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="report.md and accuracy/time/bytes PNGs of one or more run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (several: side by side)")
     rep.add_argument("--out", help="output directory (default: the run directory, or runs/report for several)")
+    add_import_parser(sub)
     return parser
 
 
@@ -112,8 +115,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     install_excepthook()
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "report":  # reads run directories, no config
-            cmd_report(args, comm)
+        if args.command in ("report", "import"):  # read run directories or source files, no config
+            (cmd_report if args.command == "report" else cmd_import)(args, comm)
             return
         overrides = parse_overrides(args.set)
         if args.data_dir is not None:
