@@ -16,7 +16,7 @@ import yaml
 
 from .errors import ConfigError
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic", "file")
 PARTITIONS = ("balanced", "iid", "shards", "dirichlet", "quantity")
 MODELS = ("2nn", "cnn")
 AGGREGATIONS = ("mean", "weighted")
@@ -211,6 +211,9 @@ def load_config(path: Optional[str], overrides: Optional[dict[str, Any]] = None)
             if key not in known:
                 raise ConfigError(f"unknown config key '{key}' (from {source}); known keys: {', '.join(sorted(known))}")
     values.update(overrides or {})
+    if values.get("dataset") == "file":  # nodes come from the shard file's attributes
+        from .data.userfile import file_values
+        values = file_values(values)
     return Config(**values)
 
 
