@@ -84,7 +84,7 @@ def check_out(out: Path, force: bool, sources: list[Path]) -> None:
     """--out may be replaced only with --force, must be a regular file if it exists, and no source."""
     try:
         st = os.stat(out)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # writing will say why it cannot create it
         return
     except OSError as err:
         raise DataError(f"--out {out} cannot be checked ({reason(err)})") from None

@@ -64,8 +64,8 @@ class InputSpec:
             bad = np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(axis=1))
             if len(bad):
                 row = int(bad[0])
-                value = x[row].reshape(-1)[~np.isfinite(out[row].reshape(-1))][0]
-                raise DataError(f"{where} row {first_row + row} holds {value!r} (inputs must be finite float32 "
+                value = float(x[row].reshape(-1)[~np.isfinite(out[row].reshape(-1))][0])
+                raise DataError(f"{where} row {first_row + row} holds {value} (inputs must be finite float32 "
                                 f"numbers)")
         if self.channels_last:
             out = np.moveaxis(out, -1, 1)
@@ -74,9 +74,7 @@ class InputSpec:
 
 def input_spec(dtype: np.dtype, shape: tuple, opts: Options, where: str) -> InputSpec:
     """Check a source's input dtype and per-sample shape (and --reshape, --channels-last) against the caps."""
-    if dtype.kind not in "uif" or dtype.kind == "b" or dtype.names or dtype.subdtype:
-        raise DataError(f"{where} has dtype {dtype}; fedmpi imports numeric inputs (integers or floats; strings "
-                        f"must be turned into numbers first)")
+    check_input_dtype(dtype, where)
     if not 1 <= len(shape) <= MAX_INPUT_DIMS:
         raise DataError(f"{where} has samples of shape {list(shape)}; fedmpi takes 1 to {MAX_INPUT_DIMS} dimensions "
                         f"per sample")
@@ -94,8 +92,15 @@ def input_spec(dtype: np.dtype, shape: tuple, opts: Options, where: str) -> Inpu
     return InputSpec(np.dtype(dtype), tuple(shape), out, opts.channels_last)
 
 
+def check_input_dtype(dtype: np.dtype, where: str) -> None:
+    if dtype.kind not in "uif" or dtype.names or dtype.subdtype:
+        raise DataError(f"{where} has dtype {dtype}; fedmpi imports numeric inputs (integers or floats; strings "
+                        f"must be turned into numbers first)")
+
+
 def same_inputs(spec: InputSpec, dtype: np.dtype, shape: tuple, where: str, first: str) -> None:
     """Every client's inputs have the first client's dtype and sample shape."""
+    check_input_dtype(np.dtype(dtype), where)
     if np.dtype(dtype) != spec.src_dtype or tuple(shape) != spec.src_shape:
         raise DataError(f"{where} is {np.dtype(dtype)} with samples {list(shape)}, {first} is {spec.src_dtype} with "
                         f"samples {list(spec.src_shape)}; inputs must agree between clients")

@@ -141,7 +141,7 @@ def import_npz(path: Path, opts: Options) -> Path:
             if name not in entries:
                 has = ", ".join(sorted(quote(k) for k in entries)[:8]) or "no arrays"
                 raise DataError(f"{WHAT} {path} has no array '{name}' (it has: {has})")
-        given = [name for name in ("x_test", "y_test", "client_id_test") if name in entries]
+        given = sorted(name for name in ("x_test", "y_test", "client_id_test") if name in entries)
         if 0 < len(given) < 3:
             missing = sorted({"x_test", "y_test", "client_id_test"} - set(given))
             raise DataError(f"{WHAT} {path} has {', '.join(given)} but not {', '.join(missing)}: give all three "
