@@ -24,12 +24,22 @@ def client_data(cid: str, n: int, shape: tuple = SHAPE, dtype=np.float32, split:
     return x, rng.integers(0, CLASSES, n).astype(np.int32)
 
 
+def learnable_data(cid: str, n: int, shape: tuple = SHAPE, dtype=np.float32, split: str = "train") -> tuple:
+    """Examples a model can learn: a fixed prototype per label plus noise; each client favours two labels."""
+    prototypes = np.random.default_rng(99).normal(0, 1, (CLASSES, *shape))
+    rng = np.random.default_rng([sum(map(ord, cid)), len(cid), n, split == "test"])
+    favourite = sum(map(ord, cid)) % CLASSES
+    y = np.where(rng.random(n) < 0.6, (favourite + rng.integers(0, 2, n)) % CLASSES, rng.integers(0, CLASSES, n))
+    x = prototypes[y] + rng.normal(0, 0.8, (n, *shape))
+    return x.astype(dtype), y.astype(np.int32)
+
+
 def write_tff(path: Path, sizes: dict, split: str = "train", xname: str = "pixels", yname: str = "label",
-              shape: tuple = SHAPE, dtype=np.float32, **dataset_options) -> Path:
+              shape: tuple = SHAPE, dtype=np.float32, data=client_data, **dataset_options) -> Path:
     """A TFF-layout file: /examples/<client id>/<xname, yname>."""
     with h5py.File(path, "w") as f:
         for cid, n in sizes.items():
-            x, y = client_data(cid, n, shape, dtype, split)
+            x, y = data(cid, n, shape, dtype, split)
             group = f.create_group(f"examples/{cid}")
             group.create_dataset(xname, data=x, **dataset_options)
             group.create_dataset(yname, data=y)
