@@ -25,6 +25,7 @@ from .files import clip, kind_of, quote, reason, stat_regular
 
 WHAT = "npz file"
 MAX_HEADER = 10_000  # numpy's own limit for a .npy header
+READ_PIECE = 1 << 20
 # What zipfile, zlib, bz2, lzma and numpy's header parser raise for a damaged or hostile archive.
 NPZ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError,
               KeyError, SyntaxError, OverflowError, MemoryError, lzma.LZMAError)
@@ -71,10 +72,16 @@ class Member:
         return parts[0] if parts else np.zeros(self.shape, self.dtype)
 
 
-def read_exact(fp, n: int, where: str) -> bytes:  # noqa: ANN001 - a zipfile member stream
-    data = fp.read(n)
-    if len(data) != n:
-        raise DataError(f"{where} is truncated: {len(data):,} of {n:,} bytes")
+def read_exact(fp, n: int, where: str) -> bytearray:  # noqa: ANN001 - a zipfile member stream
+    """n bytes, read a MiB at a time into one buffer (one large read would briefly hold them twice)."""
+    data, pos = bytearray(n), 0
+    view = memoryview(data)
+    while pos < n:
+        piece = fp.read(min(READ_PIECE, n - pos))
+        if not piece:
+            raise DataError(f"{where} is truncated: {pos:,} of {n:,} bytes")
+        view[pos:pos + len(piece)] = piece
+        pos += len(piece)
     return data
 
 
