@@ -28,26 +28,31 @@ def describe(path: Path) -> str:
 
 
 def node_lines(path: Path, attrs: dict) -> list[str]:
-    """The node table of a validated file (or why there is none)."""
-    if not histogram_fits(attrs):
-        return [f"(no label table: {attrs['num_nodes']:,} nodes x {attrs['classes']:,} classes is too large to print)"]
-    return label_table(label_counts(path, attrs), read_client_ids(path), np.diff(read_offsets(path, "local_test")))
+    """The node table of a validated file: without label counts when nodes x classes is too large for them."""
+    ids, local = read_client_ids(path), np.diff(read_offsets(path, "local_test"))
+    if histogram_fits(attrs):
+        return label_table(label_counts(path, attrs), ids, local)
+    note = f"(no label counts: {attrs['num_nodes']:,} nodes x {attrs['classes']:,} classes is too large to print)"
+    return [note, *label_table(None, ids, local, sizes=np.diff(read_offsets(path, "train")))]
 
 
-def label_table(counts: np.ndarray, ids: Optional[list[str]] = None, local: Optional[np.ndarray] = None) -> list[str]:
-    """Per-node label histograms ([nodes, classes] counts) as text rows, and a summary of sizes and labels."""
-    nodes, classes = counts.shape
+def label_table(counts: Optional[np.ndarray], ids: Optional[list[str]] = None, local: Optional[np.ndarray] = None,
+                sizes: Optional[np.ndarray] = None) -> list[str]:
+    """Per-node label histograms ([nodes, classes] counts; None: only `sizes`) as text rows, and a summary."""
+    sizes = counts.sum(1) if counts is not None else sizes
+    nodes, classes = len(sizes), (counts.shape[1] if counts is not None else 0)
     wide = classes <= MAX_LABEL_COLUMNS
-    width = max(5, len(str(counts.max(initial=0))) + 1)
+    width = max(5, len(str(counts.max(initial=0))) + 1) if counts is not None else 0
     id_width = max([9] + [len(clip(c, ID_WIDTH)) for c in ids or []]) if ids is not None else 0
     head = (f"{'node':>5}" + (f" {'client_id':<{id_width}}" if ids is not None else "") + f" {'samples':>8}"
             + (f" {'local_test':>10}" if local is not None else "")
             + ("".join(f"{c:>{width}}" for c in range(classes)) if wide else "  labels (most frequent first)"))
 
     def row(n: int) -> str:
-        labels = ("".join(f"{v:>{width}}" for v in counts[n]) if wide else "  " + top_labels(counts[n]))
+        labels = "" if counts is None else (
+            "".join(f"{v:>{width}}" for v in counts[n]) if wide else "  " + top_labels(counts[n]))
         return (f"{n:>5}" + (f" {clip(ids[n], ID_WIDTH):<{id_width}}" if ids is not None else "")
-                + f" {counts[n].sum():>8}" + (f" {local[n]:>10}" if local is not None else "") + labels)
+                + f" {sizes[n]:>8}" + (f" {local[n]:>10}" if local is not None else "") + labels)
 
     if nodes <= 2 * EDGE_ROWS + 1:
         rows = [row(n) for n in range(nodes)]
@@ -55,11 +60,13 @@ def label_table(counts: np.ndarray, ids: Optional[list[str]] = None, local: Opti
         rows = ([row(n) for n in range(EDGE_ROWS)] + [f"  ... ({nodes - 2 * EDGE_ROWS:,} nodes not shown)"]
                 + [row(n) for n in range(nodes - EDGE_ROWS, nodes)])
     what = f"columns: labels 0..{classes - 1}" if wide else f"{classes:,} classes: label x count"
-    sizes, kinds = counts.sum(1), (counts > 0).sum(1)
     extra = [] if local is None else [f"local test examples per node: min {local.min()}, mean {local.mean():.1f}, "
                                       f"max {local.max()}; nodes without any: {int((local == 0).sum()):,}"]
-    summary = (f"samples per node: min {sizes.min()}, mean {sizes.mean():.1f}, max {sizes.max()}; "
-               f"labels per node: min {kinds.min()}, mean {kinds.mean():.2f}, max {kinds.max()}")
+    summary = f"samples per node: min {sizes.min()}, mean {sizes.mean():.1f}, max {sizes.max()}"
+    if counts is None:
+        return ["training samples per node", head, *rows, *extra, summary]
+    kinds = (counts > 0).sum(1)
+    summary += f"; labels per node: min {kinds.min()}, mean {kinds.mean():.2f}, max {kinds.max()}"
     return [f"training label counts per node ({what})", head, *rows, *extra, summary]
 
 

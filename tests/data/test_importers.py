@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 
 import h5py
 import numpy as np
@@ -159,7 +160,7 @@ def leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError, signal.SIGTERM])
 def test_an_interrupted_or_failing_import_leaves_no_output_and_no_temp_file(tmp_path, monkeypatch, failure):
     train, test = tff_pair(tmp_path)
     writes, real = [], writer.ShardWriter.write
@@ -170,14 +171,18 @@ def test_an_interrupted_or_failing_import_leaves_no_output_and_no_temp_file(tmp_
             if failure is OSError:
                 os.close(self.fd)  # the pwrite below fails (EBADF) as one to a full disk would (ENOSPC)
                 return real(self, name, row, array)
+            if failure is signal.SIGTERM:  # scancel: the handler turns it into KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM)
+                return real(self, name, row, array)
             raise KeyboardInterrupt
         return real(self, name, row, array)
 
     monkeypatch.setattr(writer.ShardWriter, "write", write)
-    expected = KeyboardInterrupt if failure is KeyboardInterrupt else DataError
-    with pytest.raises(expected):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(DataError if failure is OSError else KeyboardInterrupt):
         import_tff(train, test, "pixels", "label", Options(tmp_path / "out" / "o.h5"))
     assert not (tmp_path / "out" / "o.h5").exists() and leftovers(tmp_path / "out") == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the import's handler is gone again
 
 
 def test_an_output_larger_than_the_free_space_is_refused_before_anything_is_written(tmp_path, monkeypatch):

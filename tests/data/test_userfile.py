@@ -92,3 +92,13 @@ def test_describe_shows_client_ids_local_splits_and_stays_bounded(tmp_path, shar
     assert "nodes without any: 1,000" in lines[-2]
     many = label_table(np.eye(3, 62, dtype=np.int64) * 7)  # 62 classes: the most frequent labels per node
     assert many[2].split()[-3:] == ["0x7", "(1", "labels)"] and len(many[1]) < 80
+
+
+def test_describe_keeps_sizes_and_ids_when_label_counts_are_too_many(shard, monkeypatch):
+    from fedmpi.data import validate
+
+    monkeypatch.setattr(validate, "MAX_HISTOGRAM_CELLS", 5)  # 5 nodes x 3 classes = 15 cells
+    lines = describe(shard).splitlines()
+    table = lines[lines.index("training samples per node") + 1:]
+    assert table[0].split() == ["node", "client_id", "samples", "local_test"]
+    assert table[2].split() == ["1", "u10", "6", "2"] and table[-1] == "samples per node: min 6, mean 6.0, max 6"
