@@ -8,6 +8,8 @@ from typing import Optional
 
 from . import __version__
 from .config import load_config, parse_overrides
+from .data.importing import add_parser as add_import_parser
+from .data.importing import cmd_import
 from .errors import ConfigError, FedmpiError
 from .runtime.comm import agreed, fail_job, install_excepthook, world
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="report.md and accuracy/time/bytes PNGs of one or more run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (several: side by side)")
     rep.add_argument("--out", help="output directory (default: the run directory, or runs/report for several)")
+    add_import_parser(sub)
     return parser
 
 
@@ -139,9 +142,9 @@ COMMANDS = {"prepare": cmd_prepare, "run": cmd_run}
 
 
 def read_command_line(argv: Optional[list[str]]) -> tuple:
-    """The parsed arguments and the config (None for `report`); every rank reads the same files."""
+    """The parsed arguments and the config (None for `report` and `import`); every rank reads the same files."""
     args = build_parser().parse_args(argv)
-    if args.command == "report":  # reads run directories, no config
+    if args.command in ("report", "import"):  # read run directories or source files, no config
         return args, None
     overrides = parse_overrides(args.set)
     if args.data_dir is not None:
@@ -165,8 +168,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         with agreed(comm):
             args, cfg = read_command_line(argv)
-        if args.command == "report":
-            cmd_report(args, comm)
+        if args.command in ("report", "import"):  # read run directories or source files, no config
+            (cmd_report if args.command == "report" else cmd_import)(args, comm)
         else:
             COMMANDS[args.command](cfg, args, comm)
     except FedmpiError as err:

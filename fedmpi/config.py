@@ -28,7 +28,7 @@ import yaml
 from .configfile import parse_config_text, read_config_file
 from .errors import ConfigError
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic", "file")
 PARTITIONS = ("balanced", "iid", "shards", "dirichlet", "quantity")
 MODELS = ("2nn", "cnn")
 AGGREGATIONS = ("mean", "weighted")
@@ -322,6 +322,9 @@ def load_config(path: Optional[str], overrides: Optional[dict[str, Any]] = None)
                 raise ConfigError(f"unknown config key {_show(str(key))} (from {source}); known keys: "
                                   f"{', '.join(sorted(FIELD_TYPES))}")
     values.update(overrides or {})
+    if values.get("dataset") == "file":  # nodes come from the shard file's attributes
+        from .data.userfile import file_values
+        values = file_values(values)
     return Config(**values)
 
 

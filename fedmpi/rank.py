@@ -13,7 +13,7 @@ import torch
 from .config import Config
 from .data.partition import node_ranges
 from .data.prepare import check_matches, prepare
-from .data.shards import open_shards, read_attrs, read_nodes, read_offsets, read_test
+from .data.shards import open_shards, read_attrs, read_client_ids, read_nodes, read_offsets, read_test
 from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
 from .engine.central import cache_path, central_baseline, load_cached
@@ -50,6 +50,7 @@ class Rank:
     all_weights: Optional[np.ndarray] = None  # aggregation weight of every node (the round's total weight)
     server: Optional[ServerOptimizer] = None  # the server optimizer applied to the mean update
     clock_zero: float = 0.0       # perf_counter() reading at which the run's wall time (t_elapsed) was 0
+    client_ids: Optional[list] = None  # each node's client id when the shard file has them, rank 0 only
 
     @property
     def end(self) -> int:
@@ -58,8 +59,11 @@ class Rank:
 
 
 def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> tuple:
-    """uint8 images -> float32 in [0, 1] on the device, held once per rank for the whole run."""
-    return torch.from_numpy(x).to(device).float().mul_(scale), torch.from_numpy(y).to(device)
+    """Inputs as float32 times pixel_scale on the device (uint8 images converted there), held once per rank."""
+    x = torch.from_numpy(x).to(device)
+    if x.dtype != torch.float32 or scale != 1.0:  # float32 inputs at scale 1 are used as they are
+        x = x.float().mul_(scale)
+    return x, torch.from_numpy(y).to(device)
 
 
 def announce(comm, text: str) -> None:
@@ -98,7 +102,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     path = ensure_data(cfg, comm)
     watchdog.stage("reading this rank's shards")
     attrs = read_attrs(path)
-    shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs["pixel_scale"])
+    shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
     model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
     check_memory(cfg, comm, device, model, path, mine, shape)
     announce(comm, f"reading the shards of {cfg.nodes} nodes ({comm.size} {plural(comm.size, 'rank')}) from {path}")
@@ -116,7 +120,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     if comm.rank == 0:
         watchdog.stage("reading the test set")
         st.test = to_device(*read_test(path), scale, device)
-        st.rows = st.rows or []
+        st.rows, st.client_ids = st.rows or [], read_client_ids(path)
         if cfg.central_epochs:
             def load_all_shards() -> tuple:
                 everything = read_nodes(path, "train", 0, cfg.nodes)

@@ -244,7 +244,7 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
         board.write(result.row)
     print(("\r" if sys.stderr.isatty() else "") + describe_round(result.row, st.cfg.rounds), flush=True)
     if result.row["test_acc"] is not None:
-        write_nodes_csv(run_dir / "nodes.csv", result.nodes)
+        write_nodes_csv(run_dir / "nodes.csv", result.nodes, st.client_ids)
 
 
 def run(cfg: Config, run_dir: Path, comm, resumed: Optional[tuple] = None) -> int:

@@ -14,20 +14,27 @@ from fedmpi.data.shards import write_shards
 
 
 def make_valid(path: Path, nodes: int = 4, per_node: int = 6, test_per_node: int = 2, classes: int = 3,
-               shape: tuple = (1, 2, 2), seed: int = 0) -> Path:
-    """A consistent shard file with every attribute fedmpi checks."""
+               shape: tuple = (1, 2, 2), seed: int = 0, dtype=np.uint8, client_ids=None) -> Path:
+    """A consistent shard file with every attribute fedmpi checks (float32 inputs: no pixel_scale)."""
     rng = np.random.default_rng(seed)
+
+    def inputs(n):
+        if dtype == np.uint8:
+            return rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+        return rng.normal(0, 1, (n, *shape)).astype(dtype)
 
     def group(n_per_node):
         offsets = offsets_of([np.zeros(n_per_node)] * nodes)
         n = int(offsets[-1])
-        return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, classes, n), offsets
+        return inputs(n), rng.integers(0, classes, n), offsets
 
     attrs = dict(dataset="synthetic", partition="iid", seed=seed, num_nodes=nodes, classes=classes,
-                 input_shape=list(shape), samples_per_node=per_node, test_per_node=test_per_node,
-                 pixel_scale=1.0 / 255.0)
-    test = rng.integers(0, 256, (5, *shape), dtype=np.uint8), rng.integers(0, classes, 5)
-    write_shards(path, attrs, train=group(per_node), local_test=group(test_per_node), test=test)
+                 input_shape=list(shape), samples_per_node=per_node, test_per_node=test_per_node)
+    if dtype == np.uint8:
+        attrs["pixel_scale"] = 1.0 / 255.0
+    test = inputs(5), rng.integers(0, classes, 5)
+    write_shards(path, attrs, train=group(per_node), local_test=group(test_per_node), test=test,
+                 client_ids=client_ids)
     return path
 
 
@@ -81,7 +88,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "missing_dataset": (_edit(lambda f: f.__delitem__("train/y")), "dataset /train/y is missing"),
     "missing_attr": (_edit(lambda f: f.attrs.__delitem__("classes")), "attribute 'classes' is missing"),
     "wrong_shape": (_replace("train/x", lambda x: x.reshape(len(x), -1)), "/train/x has shape"),
-    "wrong_dtype": (_replace("train/x", lambda x: x.astype(np.float32)), "/train/x has dtype float32, expected uint8"),
+    "wrong_dtype": (_replace("train/x", lambda x: x.astype(np.float64)),
+                    "/train/x has dtype <f8, expected uint8 or float32"),
     "label_outside": (_set("train/y", 5, 99), "/train/y[5] = 99 is outside the classes"),
     "test_label_negative": (_set("test/y", 1, -1), "/test/y[1] = -1 is outside the classes"),
     "offsets_not_monotonic": (_edit(_swap_offsets), "/train/offsets is not monotonic"),

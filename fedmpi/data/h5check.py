@@ -62,9 +62,9 @@ def check_links(path: Path, f: h5py.File) -> None:
             check_inside(path, name.decode("utf-8", "replace"), h5py.h5d.open(f.id, name).get_create_plist())
 
 
-def check_inside(path: Path, name: str, plist) -> None:
+def check_inside(path: Path, name: str, plist, what: str = "shard file") -> None:
     """The dataset's data lie in this file: not mapped from others (VDS), not in external storage."""
-    where = f"shard file {path}: /{clip(name)}"
+    where = f"{what} {path}: /{clip(name)}"
     if plist.get_layout() == h5py.h5d.VIRTUAL:
         raise DataError(f"{where} is a virtual dataset (its data are mapped from other files){OUTSIDE}")
     if plist.get_external_count():
@@ -85,11 +85,14 @@ def stored_dataset(path: Path, f: h5py.File, name: str) -> h5py.Dataset:
     return obj
 
 
-def check_storage(path: Path, name: str, dset: h5py.Dataset, file_size: int) -> None:
-    """The data of `dset` lie in the file, allocated in full, through filters fedmpi accepts."""
+def check_storage(path: Path, name: str, dset: h5py.Dataset, file_size: int, what: str = "shard file") -> None:
+    """The data of `dset` lie in the file, allocated in full, through filters fedmpi accepts.
+
+    `what` names the kind of file in messages: a shard file, or a source file being imported.
+    """
     plist = dset.id.get_create_plist()
-    layout, where = plist.get_layout(), f"shard file {path}: /{name}"
-    check_inside(path, name, plist)
+    layout, where = plist.get_layout(), f"{what} {path}: /{clip(name)}"
+    check_inside(path, name, plist, what)
     filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
     unknown = [(code, name.decode("utf-8", "replace")) for code, _, _, name in filters if code not in FILTERS]
     if unknown:
@@ -109,13 +112,14 @@ def check_storage(path: Path, name: str, dset: h5py.Dataset, file_size: int) -> 
         raise DataError(f"{where} claims {stored:,} bytes of storage, more than the whole file ({file_size:,} bytes)")
 
 
-def read_rows(path: Path, dset: h5py.Dataset, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+def read_rows(path: Path, dset: h5py.Dataset, start: int = 0, stop: Optional[int] = None,
+              what: str = "shard file") -> np.ndarray:
     """dset[start:stop]; a damaged chunk or a failed read is a DataError naming the dataset and rows."""
     try:
         return dset[start:stop]
     except READ_ERRORS as err:
         rows = f"rows {start}..{(len(dset) if stop is None else min(stop, len(dset))) - 1}" if dset.ndim else "data"
-        raise DataError(f"shard file {path}: {dset.name} {rows} cannot be read ({reason(err)})") from None
+        raise DataError(f"{what} {path}: {clip(dset.name)} {rows} cannot be read ({reason(err)})") from None
 
 
 def attr_names(path: Path, attrs: h5py.AttributeManager) -> list[str]:

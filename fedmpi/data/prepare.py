@@ -9,11 +9,13 @@ import numpy as np
 from ..config import Config, placeholders
 from ..errors import ConfigError, DataError
 from ..runtime.memory import check_prepare
-from .files import clip, quote
+from .describe import describe, label_table  # noqa: F401 - `fedmpi prepare --describe` and its tests use them
+from .files import quote
 from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import make_parent, write_shards
 from .sources import check_data_dir, load_dataset
-from .validate import MAX_NODES, MAX_ROWS, histogram_fits, label_counts, validate_shards
+from .userfile import check_model
+from .validate import MAX_NODES, MAX_ROWS, validate_shards
 
 # Partitions whose local test splits copy each node's training label proportions (see like_train).
 LABEL_SKEWED = ("shards", "dirichlet")
@@ -31,6 +33,8 @@ def partition_options(cfg: Config) -> dict:
 
 def expected_attrs(cfg: Config) -> dict:
     """The attributes a shard file made from `cfg` carries; a run checks them before training."""
+    if cfg.dataset == "file":  # the file says how it was made; only the node count must agree
+        return {"num_nodes": cfg.nodes}
     attrs = {"dataset": cfg.dataset, "partition": cfg.partition, "seed": cfg.seed, "num_nodes": cfg.nodes,
              "samples_per_node": cfg.samples_per_node, "test_per_node": cfg.test_per_node}
     # Only the chosen partition's keys: files of the IID partitions carry none of the non-IID attributes.
@@ -63,6 +67,11 @@ def local_test_parts(cfg: Config, raw, train_parts: list[np.ndarray]) -> list[np
 def prepare(cfg: Config, force: bool = False) -> Path:
     """Write cfg's shard file unless a matching one exists; returns its path."""
     path = cfg.data_path
+    if cfg.dataset == "file":
+        if force:
+            raise ConfigError("prepare --force: with dataset 'file' fedmpi never writes data_file, it is the data")
+        check_matches(cfg, path)
+        return path
     if os.path.exists(path) and not force:
         check_matches(cfg, path)
         return path
@@ -109,9 +118,12 @@ def check_matches(cfg: Config, path: Path) -> None:
     """Refuse a malformed shard file, or one made from another dataset, partition, seed or size."""
     attrs = validate_shards(path)
     for key, want in expected_attrs(cfg).items():
+        if attrs.get(key) != want and cfg.dataset == "file":
+            raise ConfigError(f"config key 'nodes' is {cfg.nodes}, the shard file {path} has {attrs[key]} nodes")
         if attrs.get(key) != want:
             raise DataError(f"shard file {path} was made with {key}={quote(attrs.get(key))}, the config says "
                             f"{quote(want)}; " + mismatch_advice(cfg, key))
+    check_model(cfg.model, attrs["input_shape"], path)
 
 
 # Shard-file attributes named otherwise in the config; local_test_scheme follows from partition.
@@ -133,25 +145,3 @@ def mismatch_advice(cfg: Config, attr: str) -> str:
     named = f"{stem}-{key}{{{key}}}.{suffix}" if dot and "/" not in suffix else f"{cfg.data_file}-{key}{{{key}}}"
     return (f"data_file does not depend on {key}, so that file may be another config's: give data_file a "
             f"{{{key}}} placeholder, e.g. --set data_file='{named}'")
-
-
-def describe(path: Path) -> str:
-    """The file's attributes, then one row per node: samples and the count of each label."""
-    attrs = validate_shards(path)
-    lines = [f"{k}: {clip(str(v))}" for k, v in sorted(attrs.items())]
-    if not histogram_fits(attrs):
-        return "\n".join(lines + ["", f"(no label table: {attrs['num_nodes']:,} nodes x {attrs['classes']:,} "
-                                       "classes is too large to print)"])
-    return "\n".join(lines + [""] + label_table(label_counts(path, attrs)))
-
-
-def label_table(counts: np.ndarray) -> list[str]:
-    """Per-node label histograms ([nodes, classes] counts) as text rows, and a summary of sizes and labels."""
-    classes = counts.shape[1]
-    width = max(5, len(str(counts.max())) + 1)
-    head = f"{'node':>5} {'samples':>8}" + "".join(f"{c:>{width}}" for c in range(classes))
-    rows = [f"{n:>5} {row.sum():>8}" + "".join(f"{v:>{width}}" for v in row) for n, row in enumerate(counts)]
-    sizes, labels = counts.sum(1), (counts > 0).sum(1)
-    summary = (f"samples per node: min {sizes.min()}, mean {sizes.mean():.1f}, max {sizes.max()}; "
-               f"labels per node: min {labels.min()}, mean {labels.mean():.2f}, max {labels.max()}")
-    return [f"training label counts per node (columns: labels 0..{classes - 1})", head, *rows, summary]

@@ -1,16 +1,18 @@
 """The HDF5 shard file: node-contiguous training shards, local test splits and the test set.
 
 Layout (FORMAT_VERSION 1):
-  /train/x        uint8 [N, C, H, W]  all nodes' training images, node after node
-  /train/y        int64 [N]
-  /train/offsets  int64 [nodes + 1]   node i owns rows offsets[i]:offsets[i+1]
-  /local_test/{x,y,offsets}           each node's local test split, same scheme
-  /test/{x,y}                         the whole test set (the main model is scored on it)
+  /train/x           uint8 or float32 [N, *input_shape]  all nodes' training inputs, node after node
+  /train/y           int64 [N]
+  /train/offsets     int64 [nodes + 1]   node i owns rows offsets[i]:offsets[i+1]
+  /train/client_ids  fixed-length UTF-8 strings [nodes], optional: each node's client in the source data
+  /local_test/{x,y,offsets}              each node's local test split, same scheme
+  /test/{x,y}                            the whole test set (the main model is scored on it)
   attrs: format_version, dataset, partition, seed, num_nodes, classes, input_shape,
-         samples_per_node, test_per_node, pixel_scale
+         samples_per_node, test_per_node, pixel_scale (model input = x * pixel_scale; required for uint8)
 
-Files are written whole (write_shards) and opened read-only with HDF5 file locking off: cluster
-file systems (Lustre, GPFS, NFS) often refuse or hang on flock, and nothing here writes while ranks read.
+Files are written whole (write_shards, or streamed by writer.ShardWriter for imports) and opened
+read-only with HDF5 file locking off: cluster file systems (Lustre, GPFS, NFS) often refuse or hang on
+flock, and nothing here writes while ranks read.
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ from .h5check import READ_ERRORS, attr_names, attr_value, check_links, read_rows
 FORMAT_VERSION = 1
 GROUPS = ("train", "local_test")
 MISSING = " (run `fedmpi prepare` or let `fedmpi run` create it)"
+FINITE_CHUNK = 1 << 22  # input values checked for NaN/Inf per step (16 MiB of float32)
 
 
 @dataclass
 class NodeShards:
-    """A contiguous block of nodes' rows (x uint8, y int64) and their offsets, rebased to 0."""
+    """A contiguous block of nodes' rows (x uint8 or float32, y int64) and their offsets, rebased to 0."""
 
     first_node: int
     x: np.ndarray
@@ -50,7 +53,8 @@ class NodeShards:
         return np.diff(self.offsets)
 
 
-def write_shards(path: Path, attrs: dict, train: tuple, local_test: tuple, test: tuple) -> None:
+def write_shards(path: Path, attrs: dict, train: tuple, local_test: tuple, test: tuple,
+                 client_ids: Optional[list[str]] = None) -> None:
     """Write the file atomically: a reader never sees half a file (temp name, fsync, then rename).
 
     HDF5 builds the file in memory and fedmpi writes the bytes: a full disk or a quota then fails a
@@ -63,6 +67,12 @@ def write_shards(path: Path, attrs: dict, train: tuple, local_test: tuple, test:
     image = io.BytesIO()
     with h5py.File(image, "w") as f:
         fill(f, attrs, train, local_test, test)
+        if client_ids is not None:
+            encoded = [c.encode("utf-8") for c in client_ids]
+            width = max(1, max(map(len, encoded), default=1))
+            ids = f["train"].create_dataset("client_ids", (len(encoded),), dtype=h5py.string_dtype("utf-8", width))
+            if encoded:  # bytes as they are: HDF5 converts no ASCII strings to UTF-8 ones
+                ids.id.write(h5py.h5s.ALL, h5py.h5s.ALL, np.array(encoded, f"S{width}"), mtype=ids.id.get_type())
     try:
         with open(tmp, "wb") as out:
             out.write(image.getbuffer())
@@ -178,10 +188,24 @@ def read_nodes(path: Path, group: str, first: int, stop: int) -> NodeShards:
             a, b = int(offsets[first]), int(offsets[stop])
             x, y = stored_dataset(path, f, f"{group}/x"), stored_dataset(path, f, f"{group}/y")
             check_memory(path, f"/{group} rows {a}..{b - 1}", (b - a) * row_bytes(x, y))
-            x, y = read_rows(path, x, a, b), read_rows(path, y, a, b)
+            x, y = read_rows(path, x, a, b), read_rows(path, y, a, b).astype(np.int64, copy=False)
+            check_finite(path, f"/{group}/x", x, a)
         except READ_ERRORS as err:
             raise DataError(f"shard file {path}: /{group} cannot be read ({reason(err)})") from None
     return NodeShards(first, x, y, offsets[first:stop + 1] - offsets[first])
+
+
+def check_finite(path: Path, name: str, x: np.ndarray, first_row: int) -> None:
+    """float inputs hold no NaN or Inf (they would make every update of their node NaN): DataError naming the row."""
+    if x.dtype.kind != "f" or x.size == 0:
+        return
+    flat, per_row = x.reshape(-1), x[0].size
+    for start in range(0, flat.size, FINITE_CHUNK):
+        bad = np.flatnonzero(~np.isfinite(flat[start:start + FINITE_CHUNK]))
+        if len(bad):
+            at = start + int(bad[0])
+            raise DataError(f"shard file {path}: {name}[{first_row + at // per_row}] holds {flat[at]} "
+                            f"(inputs must be finite numbers)")
 
 
 def read_offsets(path: Path, group: str) -> np.ndarray:
@@ -198,9 +222,24 @@ def read_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             x, y = stored_dataset(path, f, "test/x"), stored_dataset(path, f, "test/y")
             check_memory(path, "/test", len(x) * row_bytes(x, y))
-            return read_rows(path, x), read_rows(path, y)
+            x, y = read_rows(path, x), read_rows(path, y).astype(np.int64, copy=False)
+            check_finite(path, "/test/x", x, 0)
+            return x, y
         except READ_ERRORS as err:
             raise DataError(f"shard file {path}: /test cannot be read ({reason(err)})") from None
+
+
+def read_client_ids(path: Path) -> Optional[list[str]]:
+    """Each node's client id (a validated file's /train/client_ids), or None when the file has none."""
+    from .validate import decode_ids
+
+    with open_shards(path) as f:
+        try:
+            if "client_ids" not in f["train"]:
+                return None
+            return decode_ids(path, read_rows(path, stored_dataset(path, f, "train/client_ids")), 0)
+        except READ_ERRORS as err:
+            raise DataError(f"shard file {path}: /train/client_ids cannot be read ({reason(err)})") from None
 
 
 def row_bytes(x: h5py.Dataset, y: h5py.Dataset) -> int:

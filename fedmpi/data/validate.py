@@ -2,8 +2,10 @@
 
 First everything that costs no data: the file's links (h5check.check_links, in open_shards), its
 attributes, every dataset's shape, dtype and storage (all of it must be in the file: h5check), and
-the sizes against fixed caps. Only then the data: the small offsets arrays, and the labels in chunks,
-so a file of any size is checked in bounded memory and in time bounded by what it really holds.
+the sizes against fixed caps. Only then the data: the small offsets arrays, the client ids, and the
+labels in chunks, so a file of any size is checked in bounded memory and in time bounded by what it
+really holds. float32 inputs are checked for NaN and Inf where they are read (shards.read_nodes,
+read_test): each rank reads its own rows anyway, so no rank reads the whole file for that check.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ MAX_ROWS = 1_000_000_000            # rows of one group
 MAX_SAMPLE_VALUES = 1 << 24         # values of one image (4096 x 4096)
 MAX_INPUT_DIMS = 8
 MAX_HISTOGRAM_CELLS = 1 << 24       # nodes x classes label counts (describe, report)
+MAX_ID_BYTES = 256                  # one client id, UTF-8 (TFF's are about 10)
+ID_CHUNK = 1 << 16                  # client ids decoded per step
+X_DTYPES = (np.dtype("uint8"), np.dtype("<f4"))  # little-endian float32: what torch reads without a copy
 
 
 def validate_shards(path: Path) -> dict:
@@ -36,10 +41,14 @@ def validate_shards(path: Path) -> dict:
         try:
             attrs = check_attrs(path, f.attrs)
             data = {group: check_xy(path, f, group, attrs) for group in (*GROUPS, "test")}
+            check_x_dtype(path, attrs, {group: x.dtype for group, (x, _) in data.items()})
             offsets = {group: check_offsets_meta(path, f, group, attrs) for group in GROUPS}
+            ids = check_ids_meta(path, f, attrs)
             for group in GROUPS:  # metadata all checked: now the data
                 check_offsets(path, group, read_rows(path, offsets[group]), len(data[group][1]),
                               empty_nodes_ok=group != "train")
+            if ids is not None:
+                check_ids(path, ids)
             for group, (_, y) in data.items():
                 check_labels(path, y, f"/{group}/y", attrs["classes"])
             if len(data["test"][1]) == 0:
@@ -53,7 +62,7 @@ def validate_shards(path: Path) -> dict:
 def check_attrs(path: Path, raw: h5py.AttributeManager) -> dict:
     """Every attribute fedmpi uses is present and of the right type and range."""
     attrs = {k: attr_value(path, raw, k) for k in attr_names(path, raw)}
-    for key in INT_ATTRS + STR_ATTRS + ("input_shape", "pixel_scale"):
+    for key in INT_ATTRS + STR_ATTRS + ("input_shape",):
         if key not in attrs:
             raise DataError(f"shard file {path}: attribute '{key}' is missing")
     for key in INT_ATTRS:
@@ -67,10 +76,21 @@ def check_attrs(path: Path, raw: h5py.AttributeManager) -> dict:
         if not isinstance(attrs[key], str):
             raise DataError(f"shard file {path}: attribute '{key}' must be a string, got {quote(attrs[key])}")
     check_input_shape(path, attrs["input_shape"])
-    scale = attrs["pixel_scale"]
+    scale = attrs.get("pixel_scale", 1.0)  # required for uint8 inputs: check_x_dtype
     if not isinstance(scale, (float, np.floating)) or not np.isfinite(scale) or scale <= 0:
         raise DataError(f"shard file {path}: attribute 'pixel_scale' must be a positive float, got {quote(scale)}")
     return {k: plain(v) for k, v in attrs.items()}
+
+
+def check_x_dtype(path: Path, attrs: dict, dtypes: dict) -> None:
+    """One input dtype in every group; uint8 images need pixel_scale (float32 inputs are used as they are)."""
+    first = dtypes["train"]
+    for group, dtype in dtypes.items():
+        if dtype != first:
+            raise DataError(f"shard file {path}: /{group}/x has dtype {dtype}, /train/x has {first}; "
+                            f"every group holds the same input dtype")
+    if first == np.uint8 and "pixel_scale" not in attrs:
+        raise DataError(f"shard file {path}: attribute 'pixel_scale' is missing (uint8 inputs need it)")
 
 
 def check_input_shape(path: Path, value) -> None:
@@ -84,11 +104,13 @@ def check_input_shape(path: Path, value) -> None:
 
 
 def check_xy(path: Path, f: h5py.File, group: str, attrs: dict) -> tuple[h5py.Dataset, h5py.Dataset]:
-    """x is uint8 [N, *input_shape], y integer [N], both wholly in the file; returns (x, y). Reads no data."""
+    """x is uint8 or float32 [N, *input_shape], y integer [N], both wholly in the file; returns (x, y).
+    Reads no data."""
     x, y = stored_dataset(path, f, f"{group}/x"), stored_dataset(path, f, f"{group}/y")
     shape = tuple(attrs["input_shape"])
-    if x.dtype != np.uint8:
-        raise DataError(f"shard file {path}: /{group}/x has dtype {x.dtype}, expected uint8")
+    if x.dtype not in X_DTYPES:
+        raise DataError(f"shard file {path}: /{group}/x has dtype {x.dtype.str}, expected uint8 or float32 "
+                        f"(little-endian)")
     if x.ndim != 1 + len(shape) or tuple(x.shape[1:]) != shape:
         want = ", ".join(["N", *map(str, shape)])
         raise DataError(f"shard file {path}: /{group}/x has shape {list(x.shape)}, expected [{want}]")
@@ -110,6 +132,42 @@ def check_offsets_meta(path: Path, f: h5py.File, group: str, attrs: dict) -> h5p
         nodes = attrs["num_nodes"]
         raise DataError(f"{where} has {len(offsets):,} entries, num_nodes={nodes} needs {nodes + 1}")
     return offsets
+
+
+def check_ids_meta(path: Path, f: h5py.File, attrs: dict) -> h5py.Dataset | None:
+    """/train/client_ids, when present: fixed-length strings, one per node. Reads no data."""
+    if "client_ids" not in f["train"]:
+        return None
+    ids = stored_dataset(path, f, "train/client_ids")
+    where = f"shard file {path}: /train/client_ids"
+    if ids.dtype.kind != "S" or not 0 < ids.dtype.itemsize <= MAX_ID_BYTES:
+        raise DataError(f"{where} must hold fixed-length strings of at most {MAX_ID_BYTES} bytes, "
+                        f"got {ids.dtype} {list(ids.shape)}")
+    if ids.shape != (attrs["num_nodes"],):
+        raise DataError(f"{where} has shape {list(ids.shape)}, num_nodes={attrs['num_nodes']} needs "
+                        f"[{attrs['num_nodes']}]")
+    return ids
+
+
+def check_ids(path: Path, ids: h5py.Dataset) -> None:
+    """Every client id is non-empty UTF-8 text, read ID_CHUNK ids at a time."""
+    for start in range(0, len(ids), ID_CHUNK):
+        decode_ids(path, read_rows(path, ids, start, start + ID_CHUNK), start)
+
+
+def decode_ids(path: Path, raw: np.ndarray, start: int) -> list[str]:
+    """Client ids as text; one that is empty or not UTF-8 is a DataError naming its node."""
+    out = []
+    for i, value in enumerate(raw.tolist()):
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"shard file {path}: /train/client_ids[{start + i}] = {quote(value)} is not "
+                            f"UTF-8 text") from None
+        if not text:
+            raise DataError(f"shard file {path}: /train/client_ids[{start + i}] is empty")
+        out.append(text)
+    return out
 
 
 def check_offsets(path: Path, group: str, offsets: np.ndarray, n: int, empty_nodes_ok: bool) -> None:

@@ -5,6 +5,7 @@ shard file under a hash of everything that determines it, so a rerun does not re
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -27,6 +28,9 @@ MAX_CACHE_BYTES = 1 << 20  # a cache holds two floats per epoch
 
 def cache_path(cfg: Config) -> Path:
     key = cfg.digest(CACHE_KEYS + ("dataset", "partition", "nodes", "samples_per_node"))
+    if cfg.dataset == "file":  # a file imported again under the same name holds other data
+        st = os.stat(cfg.data_path)
+        key = hashlib.sha256(f"{key}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return cfg.data_path.with_name(f"{cfg.data_path.stem}.central-{key}.json")
 
 

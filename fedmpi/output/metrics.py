@@ -67,13 +67,19 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def write_nodes_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One row per node: node, rank, samples, local_acc, main_on_local_acc (replaced atomically)."""
+def write_nodes_csv(path: Path, rows: list[dict[str, Any]], client_ids: Optional[list[str]] = None) -> None:
+    """One row per node: node, [client_id,] rank, samples, local_acc, main_on_local_acc (replaced atomically).
+
+    client_id (each node's client in the imported data) is there when the shard file has ids.
+    """
     lines = io.StringIO()
-    writer = csv.DictWriter(lines, fieldnames=["node", "rank", "samples", "local_acc", "main_on_local_acc"])
+    names = ["node", *(["client_id"] if client_ids is not None else []), "rank", "samples", "local_acc",
+             "main_on_local_acc"]
+    writer = csv.DictWriter(lines, fieldnames=names)
     writer.writeheader()
     for row in sorted(rows, key=lambda r: r["node"]):
-        writer.writerow({k: _cell(v) for k, v in row.items()})
+        extra = {"client_id": client_ids[row["node"]]} if client_ids is not None else {}
+        writer.writerow({k: _cell(v) for k, v in {**row, **extra}.items()})
     write_atomic(path, lines.getvalue())
 
 

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data.files import reason, remove_quietly
+from ..data.files import clip, reason, remove_quietly
 from ..errors import ConfigError
 from .records import Run, load_run, shard_path
 
+MAX_BAR_NODES = 1_000  # more nodes: labels.png stacks areas instead of bars
 # The per-round time split: the stacked parts sum to the round's wall time on rank 0.
 TIME_PARTS = (("compute", "local training (mean over ranks)"), ("wait", "waiting for the slowest rank"),
               ("transfer", "the Allreduce"), ("other", "evaluation, gathering, writing"))
@@ -97,8 +98,8 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def markdown(runs: list[Run], images: list[str]) -> str:
-    """report.md: the comparison, the plots, then each run's setup and per-round table."""
+def markdown(runs: list[Run], images: list[str], nodes: tuple = ()) -> str:
+    """report.md: the comparison, the plots, each run's setup and per-round table, then the nodes table."""
     out = ["# fedmpi report", "", *summary_table(runs), "",
            "Wall time: from the start of `fedmpi run` (reading the shard file, the centralized baseline) to the "
            "end of the last round, summed over restarts. In rounds: the sum of the rounds' own times (rank 0), "
@@ -114,6 +115,8 @@ def markdown(runs: list[Run], images: list[str]) -> str:
                 f"{cfg.get('nodes', '?')} nodes, model {cfg.get('model', '?')}, {cfg.get('local_epochs', '?')} "
                 f"local epochs; payload {_bytes(_num(run.rows[0].get('payload_bytes')))} per rank per round.", "",
                 *run_table(run), ""]
+    if nodes:  # (shard file, its describe.label_table lines): client ids, sizes, labels of each node
+        out += [f"## Nodes of `{nodes[0]}`", "", "```", *nodes[1], "```", ""]
     return "\n".join(out)
 
 
@@ -226,18 +229,37 @@ def first_labels(runs: list[Run]) -> Optional[tuple[Run, Any]]:
     return next(((run, c) for run in runs if (c := node_labels(run)) is not None), None)
 
 
+def node_table(run: Run, counts: Any) -> tuple:
+    """(shard file, the bounded node table of --describe) for the run whose labels are plotted."""
+    from ..data.describe import label_table
+    from ..data.shards import read_client_ids, read_offsets
+
+    path = shard_path(run)
+    local = read_offsets(path, "local_test")
+    return path, label_table(counts, read_client_ids(path), local[1:] - local[:-1])
+
+
 def plot_labels(run: Run, counts: Any, path: Path) -> None:
     """Per-node label histograms (stacked bars) from [nodes, classes] counts."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(7, min(16, 0.12 * len(counts))), 4.5))
-    bottom = counts[:, 0] * 0
-    for label in range(counts.shape[1]):
-        ax.bar(range(len(counts)), counts[:, label], bottom=bottom, width=1.0, color=f"C{label % 10}",
-               label=str(label))
-        bottom = bottom + counts[:, label]
+    colors = [f"C{label % 10}" for label in range(counts.shape[1])]
+    if len(counts) > MAX_BAR_NODES:  # one polygon per label: thousands of clients plot in seconds
+        ax.stackplot(range(len(counts)), counts.T, colors=colors, labels=[str(c) for c in range(counts.shape[1])])
+    else:
+        bottom = counts[:, 0] * 0
+        for label in range(counts.shape[1]):
+            ax.bar(range(len(counts)), counts[:, label], bottom=bottom, width=1.0, color=colors[label],
+                   label=str(label))
+            bottom = bottom + counts[:, label]
+    partition = run.config.get("partition")
+    if run.config.get("dataset") == "file":  # the file says how it was split (e.g. natural: one node per client)
+        from ..data.shards import read_attrs
+        partition = read_attrs(shard_path(run)).get("partition")
     ax.set(xlabel="node", ylabel="training samples",
-           title=f"Labels per node: {run.config.get('partition')} partition ({run.path.name})")
-    ax.legend(title="label", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+           title=f"Labels per node: {clip(str(partition), 40)} partition ({run.path.name})")
+    if counts.shape[1] <= 30:  # FEMNIST's 62 labels would fill the figure
+        ax.legend(title="label", fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.xaxis.get_major_locator().set_params(integer=True)
     _save(fig, path)
 
@@ -267,7 +289,7 @@ def report(run_dirs: list[str], out: Optional[str] = None) -> Path:
         if labels is not None:
             plot_labels(*labels, out_dir / "labels.png")
         images = list(plots) + (["labels.png"] if labels is not None else [])
-        tmp.write_text(markdown(runs, images) + "\n")
+        tmp.write_text(markdown(runs, images, node_table(*labels) if labels is not None else ()) + "\n")
         os.replace(tmp, out_dir / "report.md")
     except OSError as err:
         raise ConfigError(f"report: --out {out_dir}: cannot write there ({reason(err)})") from None

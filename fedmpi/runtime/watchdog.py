@@ -41,8 +41,8 @@ CLAIMED_WAIT_S = 2.0   # a rank that lost the O_EXCL race waits this long for th
 
 def interval_for(timeout: float) -> float:
     """Seconds between checks and heartbeat writes: a tenth of the timeout, within [0.2, 10]. A stage
-    change writes the heartbeat sooner, but never sooner than a tenth interval after the last write
-    (so a frozen rank's heartbeat may show the stage it left that long before it froze)."""
+    change also writes the heartbeat, at once and on the calling thread, so a rank that blocks right
+    after it (C code holding the interpreter lock) is named in the stage it blocked in."""
     return min(10.0, max(0.2, timeout / 10))
 
 
@@ -99,7 +99,7 @@ class Watchdog:
         self.last = time.monotonic()
         self.wrote = False  # this rank's own heartbeat reached the folder: the folder works
         self._closed = threading.Event()
-        self._wake = threading.Event()  # a new stage: write the heartbeat now, so a freeze names it
+        self._writing = threading.Lock()  # the thread and a stage change share the temp file
         self._thread = threading.Thread(target=self._run, name="fedmpi-watchdog", daemon=True)
 
     @property
@@ -114,17 +114,14 @@ class Watchdog:
         return self
 
     def set_stage(self, stage: str, rnd: Optional[int] = None) -> None:
+        """A few per round: each writes the heartbeat (one small file) before the stage's work starts."""
         self.stage, self.round, self.last = stage, rnd, time.monotonic()
-        self._wake.set()
+        if not self._closed.is_set():
+            self._write_beat()
 
     def _run(self) -> None:
-        while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            if self._closed.is_set():
-                return
+        while not self._closed.wait(self.interval):
             self._check()
-            self._closed.wait(self.interval / 10)  # at most ten heartbeats an interval, however many stages
 
     def _check(self) -> None:
         """One round of the thread: re-arm the backstop, fire on a stall, write the heartbeat."""
@@ -149,14 +146,15 @@ class Watchdog:
         if self.folder is None:
             return
         tmp = self.folder / f".rank-{self.rank}.{os.getpid()}.tmp"
-        try:
-            if self.folder.parent.is_dir():  # inside the run directory; never the run directory itself
-                self.folder.mkdir(exist_ok=True)
-            tmp.write_text(json.dumps(asdict(self.beat())))
-            os.replace(tmp, self.path)
-            self.wrote = True
-        except OSError:
-            pass  # a full or read-only disk must not end the job; the check itself needs no file
+        with self._writing:
+            try:
+                if self.folder.parent.is_dir():  # inside the run directory; never the run directory itself
+                    self.folder.mkdir(exist_ok=True)
+                tmp.write_text(json.dumps(asdict(self.beat())))
+                os.replace(tmp, self.path)
+                self.wrote = True
+            except OSError:
+                pass  # a full or read-only disk must not end the job; the check itself needs no file
 
     def _culprit(self, idle: float) -> Optional[tuple[int, str, float]]:
         """(rank, stage, seconds) of a rank that stopped, read from the heartbeats; None while all move."""
@@ -214,7 +212,6 @@ class Watchdog:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=self.interval + 5)
         if self.backstop:

@@ -353,7 +353,7 @@ def test_a_stop_after_the_last_rounds_training_finishes_the_run(small_data, job,
 
 
 def test_a_signal_during_the_start_up_abandons_round_1_and_the_resume_equals_a_plain_run(small_data, job):
-    args = ["--set", *SMALL, small_data, "central_epochs=20"]
+    args = ["--set", *SMALL, small_data, "central_epochs=400"]  # a baseline of seconds: the signal lands in it
     j = job(args, 3, name="stopped")
     pids = j.wait_stage("training the centralized baseline", None, ranks=[0])
     j.signal(pids.values(), signal.SIGTERM)

@@ -193,4 +193,5 @@ def test_describe_leaves_out_a_label_table_too_large_to_print(good, monkeypatch)
     assert "training label counts per node" in describe(good)
     monkeypatch.setattr(validate, "MAX_HISTOGRAM_CELLS", 11)  # 4 nodes x 3 classes = 12 cells
     text = describe(good)
-    assert "no label table: 4 nodes x 3 classes is too large" in text and "training label counts" not in text
+    assert "no label counts: 4 nodes x 3 classes is too large" in text and "training label counts" not in text
+    assert "training samples per node" in text and text.splitlines()[-1].startswith("samples per node: min 6")

@@ -45,7 +45,9 @@ def write_beat(folder, rank, age=0.0, idle=0.0, waiting=None, stage="training", 
     folder.mkdir(exist_ok=True)
     now = time.time()
     beat = Beat(rank, 4242, stage, rnd, waiting, now - idle, now - age)
-    (folder / f"rank-{rank}.json").write_text(json.dumps(beat.__dict__))
+    tmp = folder / f".rank-{rank}.test.tmp"  # replaced whole, as the watchdog writes: a reader never sees half
+    tmp.write_text(json.dumps(beat.__dict__))
+    os.replace(tmp, folder / f"rank-{rank}.json")
 
 
 def test_interval_is_a_tenth_of_the_timeout_within_bounds():
@@ -171,9 +173,8 @@ def test_heartbeats_name_pid_stage_and_are_removed_by_the_last_rank_to_close(tmp
     a.start()
     b.start()
     b.set_stage("evaluating", 7)
-    wait_until(lambda: (read_beat(folder / "rank-1.json") or a.beat()).stage == "evaluating")
-    beat = read_beat(folder / "rank-1.json")
-    assert (beat.rank, beat.pid, beat.round, beat.waiting) == (1, os.getpid(), 7, None)
+    beat = read_beat(folder / "rank-1.json")  # written by the stage change itself: a rank that blocks next is named
+    assert (beat.rank, beat.pid, beat.stage, beat.round, beat.waiting) == (1, os.getpid(), "evaluating", 7, None)
     a.close()
     assert sorted(p.name for p in folder.iterdir()) == ["rank-1.json"]  # rank 1 still runs
     b.close()

@@ -34,8 +34,8 @@ def paced(round_fn, run_fn):
         pacer(st.comm).wait(rnd)
         return round_fn(st, rnd, stop)
 
-    def run(cfg, run_dir, comm, resume=False):
-        code = run_fn(cfg, run_dir, comm, resume=resume)
+    def run(cfg, run_dir, comm, *args, **kwargs):  # whatever else fedmpi.run.run takes, passed through
+        code = run_fn(cfg, run_dir, comm, *args, **kwargs)
         pacer(comm).wait(cfg.rounds + 1)
         return code
 
