@@ -108,17 +108,21 @@ def wait_for(condition, proc, what, timeout=90):
 
 
 @contextmanager
-def running(args, ranks, fault):
-    """A job in the background (`mpirun -n RANKS python -m fedmpi ARGS` with FEDMPI_FAULT=fault), ended on exit."""
+def running(args, ranks, fault, stderr_file=None):
+    """A job in the background (`mpirun -n RANKS python -m fedmpi ARGS` with FEDMPI_FAULT=fault), ended on exit.
+    With `stderr_file` its stderr goes there (readable while it runs) instead of a pipe."""
+    err = open(stderr_file, "w") if stderr_file else subprocess.PIPE
     job = subprocess.Popen([mpirun_path(), "-n", str(ranks), sys.executable, "-m", "fedmpi", *args], cwd=ROOT,
                            env=dict(os.environ, **mpi_env(), FEDMPI_FAULT=fault),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         yield job
     finally:
         if job.poll() is None:
             job.kill()
             job.communicate()
+        if stderr_file:
+            err.close()
 
 
 def kill_ranks(marker, sig=signal.SIGKILL):
