@@ -99,6 +99,10 @@ def cmd_run(cfg, args, comm) -> None:
             clear_previous(run_dir)
         return resumed
 
+    with agreed(comm):  # an imported model or loss is tried on every rank before any data is read
+        from .engine.check import check_user_code
+
+        check_user_code(cfg)
     # The other ranks learn rank 0's verdict and its checkpoint.
     resumed = shared_checkpoint(comm, on_rank0(comm, check))
     from .run import run

@@ -64,7 +64,7 @@ def test_unknown_key_is_named_with_its_source(tmp_path):
     ("nodes", 0, r"'nodes' must be in \[1, 10000000\], got 0"),
     ("lr", -1, r"'lr' must be in \(0.0, 100.0\], got -1.0"),
     ("momentum", 1.0, r"'momentum' must be in \[0.0, 1.0\)"),
-    ("model", "resnet", "'model' must be one of 2nn, cnn"),
+    ("model", "resnet", "'model' must be 2nn, cnn or an import path"),
     ("rounds", True, "'rounds' must be a whole number, got True"),
     ("rounds", "true", "'rounds' must be a whole number, got 'true'"),
     ("lr", False, "'lr' must be a number, got False"),

@@ -1,21 +1,24 @@
 """Scoring a flat parameter vector on data: whole test set, or per node via segment sums."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .losses import Loss
 from .params import views, views_k
 
 EVAL_BATCH = 2048
 
 
 @torch.no_grad()
-def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor,
-                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample correctness (bool) and cross-entropy loss of the model with parameters `flat`."""
+def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  loss_fn: Optional[Loss] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample correctness (bool) and loss (`loss_fn`, cross-entropy when None) with parameters `flat`."""
     names = [n for n, _ in model.named_parameters()]
     params = dict(zip(names, views(flat, list(model.parameters()))))
     correct, losses = [], []
@@ -23,16 +26,18 @@ def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor,
         logits = functional_call(model, params, (x[start:start + EVAL_BATCH],))
         target = y[start:start + EVAL_BATCH]
         correct.append(logits.argmax(1) == target)
-        losses.append(F.cross_entropy(logits, target, reduction="none"))
+        losses.append(F.cross_entropy(logits, target, reduction="none") if loss_fn is None
+                      else loss_fn(logits, target))
     if not correct:
         empty = torch.zeros(0, device=x.device)
         return empty.bool(), empty
     return torch.cat(correct), torch.cat(losses)
 
 
-def accuracy_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean loss over the whole of (x, y)."""
-    correct, losses = predict_stats(model, flat, x, y)
+def accuracy_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  loss_fn: Optional[Loss] = None) -> tuple[float, float]:
+    """Accuracy and mean loss (`loss_fn`, cross-entropy when None) over the whole of (x, y)."""
+    correct, losses = predict_stats(model, flat, x, y, loss_fn)
     return correct.float().mean().item(), losses.mean().item()
 
 

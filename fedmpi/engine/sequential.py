@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import Loss, loss_function
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
 
@@ -35,13 +36,15 @@ def compute_dtype(cfg) -> Optional[torch.dtype]:
 def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator,
                prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None,
-               dtype: Optional[torch.dtype] = None, tick: Optional[Callable[[], None]] = None) -> None:
+               dtype: Optional[torch.dtype] = None, tick: Optional[Callable[[], None]] = None,
+               loss_fn: Optional[Loss] = None) -> None:
     """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
 
     The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
     With prox_mu > 0 (FedProx) the gradient of mu/2 ||w - anchor||^2 is added to each step's.
     dtype bfloat16: the forward and its backward run under torch.autocast (mixed precision).
     `tick()` runs before each step (progress, and a stop signal raising out of training).
+    `loss_fn`: a per-sample loss (engine/losses.py) averaged over the batch; None: cross-entropy.
     """
     params = list(model.parameters())
     n = len(y)
@@ -53,7 +56,10 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
                 tick()
             idx = order[start:start + batch_size]
             with autocast:
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                if loss_fn is None:
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                else:
+                    loss = loss_fn(model(x[idx]), y[idx]).mean()
             grads = list(torch.autograd.grad(loss, params))
             if prox_mu:
                 add_proximal_(grads, params, anchor, prox_mu)
@@ -82,6 +88,7 @@ class SequentialEngine:
         size = sum(p.numel() for p in self.params)
         # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
         self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
+        self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
               tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
@@ -95,7 +102,7 @@ class SequentialEngine:
             load_flat(self.params, main)
             sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
                        cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
-                       cfg.prox_mu, anchor, compute_dtype(cfg), tick)
+                       cfg.prox_mu, anchor, compute_dtype(cfg), tick, self.loss)
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:
