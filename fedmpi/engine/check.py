@@ -58,11 +58,6 @@ def check_user_code(cfg: Config) -> None:
         return
     shape, classes = inputs
     model = build_model(cfg.model, shape, classes, cfg.seed, cfg.model_args)
-    if cfg.engine == "batched":
-        from .batched import check_stackable
-
-        check_stackable(model)
-        try_stacked(cfg, model, shape)
     with torch.no_grad():
         try:
             outputs = model(torch.zeros(2, *shape))
@@ -82,3 +77,8 @@ def check_user_code(cfg: Config) -> None:
             except Exception as err:  # noqa: BLE001
                 raise ConfigError(f"config key 'loss' {cfg.loss!r} raised {describe(err)} on outputs "
                                   f"[2, {classes}] and targets [2]") from None
+    if cfg.engine == "batched":
+        from .batched import check_stackable
+
+        check_stackable(model)
+        try_stacked(cfg, model, shape)

@@ -1,0 +1,53 @@
+"""Hostile model, loss and model_args values against the real `fedmpi run` under real mpirun.
+
+Each case ends with exit code 2 and one `fedmpi: error` line naming the key and the path, no traceback,
+no MPI_Abort, nothing written, at -n 1 and -n 3: the model and loss are tried on every rank before any
+data is read (the shard file the config names does not exist, and is never made).
+"""
+from __future__ import annotations
+
+import compileall
+
+import pytest
+from test_config_inputs import RANKS, base, refused
+from usercode import write_user_code
+
+CASES = [  # --set values, what the one line must say
+    (["model=nosuchmodule:build"], "config key 'model' 'nosuchmodule:build': no module named 'nosuchmodule'"),
+    (["model=usercode:missing"], "config key 'model' 'usercode:missing': usercode has no attribute 'missing'"),
+    (["model=usercode:not_callable"], "'usercode:not_callable': not_callable is a int, not a function or class"),
+    (["model=broken:build"], "'broken:build': importing broken raised ZeroDivisionError: broken on import"),
+    (["model=../evil:build"], "config key 'model' must be 2nn, cnn or an import path package.module:callable"),
+    (["model=usercode"], "config key 'model' must be 2nn, cnn or an import path"),
+    (["model=usercode:raises"], "'usercode:raises': building the model raised RuntimeError: no weights for you"),
+    (["model=usercode:returns_int"], "'usercode:returns_int' returned a int, not a torch.nn.Module"),
+    (["model=usercode:no_params"], "'usercode:no_params' returned a Flatten without parameters"),
+    (["model=usercode:wrong_outputs"], "must map inputs [2, 1, 28, 28] to outputs [2, 10]"),
+    (["model=usercode:double"], "'usercode:double': parameter '1.weight' must be a trainable float32 tensor"),
+    (["model=usercode:forward_fails"], "'usercode:forward_fails': the model's forward on inputs [2, 1, 28, 28] raised"),
+    (["model=usercode:batchnorm"], "batched engine cannot train a model with BatchNorm1d|engine: sequential"),
+    (["model=usercode:dropout"], "batched engine cannot train a model with Dropout"),
+    (["model=usercode:small", "model_args={width: 4, depth: 2}"],
+     "'usercode:small': building the model raised TypeError: small() got an unexpected keyword argument 'depth'"),
+    (["model=usercode:small", "model_args={classes: 3}"], "config key 'model_args': 'classes' is passed by fedmpi"),
+    (["model=usercode:small", "model_args=[1, 2]"], "config key 'model_args' must be a mapping of names to values"),
+    (["model=usercode:small", "model_args={width: {a: 1}}"], "config key 'model_args' entry 'width' must be a number"),
+    (["model=usercode:small", "model_args={w: [" + ", ".join(["1"] * 65) + "]}"], "a list of 65 items, at most 64"),
+    (["model=usercode:small", "model_args={w: " + "x" * 300 + "}"], "entry 'w' must be a text of at most 256"),
+    (["model=usercode:small", "model_args={w: &a 1}"], "anchors and aliases"),
+    (["model=2nn", "model_args={width: 4}"], "config key 'model_args' applies to an imported model"),
+    (["model=os:system"], "config key 'model' 'os:system': building the model raised TypeError"),
+    (["loss=nosuchmodule:f"], "config key 'loss' 'nosuchmodule:f': no module named 'nosuchmodule'"),
+    (["loss=mse"], "config key 'loss' must be cross_entropy or an import path"),
+    (["loss=usercode:loss_scalar"], "'usercode:loss_scalar' must return one loss per row (shape [2])"),
+    (["loss=usercode:loss_raises"], "config key 'loss' 'usercode:loss_raises' raised ValueError: no loss today"),
+    (["loss=usercode:loss_not_vmappable"], "config key 'engine': the batched engine trains model '2nn' with loss "
+                                           "'usercode:loss_not_vmappable' under torch.func.vmap"),
+]
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("values,expect", CASES, ids=[" ".join(v)[:40] for v, _ in CASES])
+def test_bad_user_code_is_one_line_naming_key_and_path_before_any_data_is_read(tmp_path, ranks, values, expect):
+    compileall.compile_dir(write_user_code(tmp_path), quiet=1)  # the run's imports then write no bytecode
+    refused(base(tmp_path) + values + ["--out", "out"], ranks, tmp_path, expect)
