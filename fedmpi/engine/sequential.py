@@ -6,6 +6,7 @@ between rounds without one optimizer object per node.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -19,6 +20,7 @@ from .params import flatten, load_flat, views
 from .prox import add_proximal_
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
+DROPOUT_STREAM = 2  # seed stream of a node's random draws inside the model (Dropout)
 
 
 def batch_generator(seed: int, node: int, rnd: int, stream: int = 0) -> torch.Generator:
@@ -69,6 +71,15 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
                 torch._foreach_add_(params, bufs, alpha=-lr)
 
 
+@contextmanager
+def node_random(device: torch.device, seed: int, node: int, rnd: int) -> Iterator[None]:
+    """torch's global generator (Dropout's draws) seeded from (seed, node, round), as the batch order is:
+    the same draws at any rank count; the caller's generator state is restored after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(batch_generator(seed, node, rnd, stream=DROPOUT_STREAM).initial_seed()))
+        yield
+
+
 @dataclass
 class Chunk:
     """Nodes finished by the engine: their ids and flat parameters [k, P]."""
@@ -100,9 +111,11 @@ class SequentialEngine:
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
             load_flat(self.params, main)
-            sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
-                       cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
-                       cfg.prox_mu, anchor, compute_dtype(cfg), tick, self.loss)
+            with node_random(self.x.device, cfg.seed, node, rnd):
+                sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
+                           cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
+                           batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
+                           self.loss)
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -2,14 +2,19 @@
 
 Each case ends with exit code 2 and one `fedmpi: error` line naming the key and the path, no traceback,
 no MPI_Abort, nothing written, at -n 1 and -n 3: the model and loss are tried on every rank before any
-data is read (the shard file the config names does not exist, and is never made).
+data is read (the shard file the config names does not exist, and is never made). The same for misuse
+of the Python API from a user's script: the FedmpiError is raised on every rank alike.
 """
 from __future__ import annotations
 
 import compileall
+import os
+import subprocess
+import sys
 
 import pytest
-from test_config_inputs import RANKS, base, refused
+from conftest import ROOT, mpi_env, mpirun_path
+from test_config_inputs import RANKS, TIMEOUT, base, refused, snapshot
 from usercode import write_user_code
 
 CASES = [  # --set values, what the one line must say
@@ -51,3 +56,76 @@ CASES = [  # --set values, what the one line must say
 def test_bad_user_code_is_one_line_naming_key_and_path_before_any_data_is_read(tmp_path, ranks, values, expect):
     compileall.compile_dir(write_user_code(tmp_path), quiet=1)  # the run's imports then write no bytecode
     refused(base(tmp_path) + values + ["--out", "out"], ranks, tmp_path, expect)
+
+
+API_SCRIPT = '''
+import sys
+import fedmpi
+from conftest import SMALL
+
+config = dict(item.split("=", 1) for item in SMALL)
+config["data_file"] = "data/s.h5"
+
+
+def build(input_shape, classes):
+    from torch import nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, classes))
+
+
+def raises(input_shape, classes):
+    raise KeyError("width")
+
+
+def scalar_loss(outputs, targets):
+    return outputs.sum()
+
+
+CASES = {
+    "config_int": lambda: fedmpi.run(42, out="out"),
+    "lambda_model": lambda: fedmpi.run(config, model=lambda input_shape, classes: build(input_shape, classes)),
+    "model_not_callable": lambda: fedmpi.run(config, model=5, out="out"),
+    "unknown_key": lambda: fedmpi.run(config, nosuchkey=1, out="out"),
+    "resume_with_out": lambda: fedmpi.run(resume="out", out="out"),
+    "resume_nothing": lambda: fedmpi.run(resume="nowhere"),
+    "model_raises": lambda: fedmpi.run(config, model=raises, out="out"),
+    "loss_scalar": lambda: fedmpi.run(config, model=build, loss=scalar_loss, out="out"),
+    "model_args_object": lambda: fedmpi.run(config, model=build, model_args={"x": object()}, out="out"),
+    "model_args_nan": lambda: fedmpi.run(config, model=build, model_args={"x": float("nan")}, out="out"),
+    "config_missing": lambda: fedmpi.run("nowhere.yaml", out="out"),
+}
+try:
+    CASES[sys.argv[1]]()
+except fedmpi.FedmpiError as err:
+    if fedmpi.world_rank() == 0:
+        print(f"fedmpi: error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
+print("no error")
+'''
+API_CASES = [
+    ("config_int", "config must be a Config, a dict or the path of a YAML file, got int"),
+    ("lambda_model", "model=: '__main__:<lambda>.<locals>.<lambda>' has no module-level name (a lambda"),
+    ("model_not_callable", "model=: expected a function or class, got int"),
+    ("unknown_key", "unknown config key 'nosuchkey'"),
+    ("resume_with_out", "resume=RUN_DIR continues the run there with its own config.yaml: drop config, out"),
+    ("resume_nothing", "resume='nowhere': no config.yaml there"),
+    ("model_raises", "config key 'model' '__main__:raises': building the model raised KeyError: 'width'"),
+    ("loss_scalar", "config key 'loss' '__main__:scalar_loss' must return one loss per row"),
+    ("model_args_object", "config key 'model_args' entry 'x' must be a number, true/false, a text or a list"),
+    ("model_args_nan", "config key 'model_args' entry 'x' must be finite, got nan"),
+    ("config_missing", "cannot read config file nowhere.yaml"),
+]
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("case,expect", API_CASES, ids=[c for c, _ in API_CASES])
+def test_api_misuse_raises_one_error_on_every_rank_and_writes_nothing(tmp_path, ranks, case, expect):
+    (tmp_path / "experiment.py").write_text(API_SCRIPT)
+    before = snapshot(tmp_path)
+    cmd = [mpirun_path(), "-n", str(ranks), sys.executable, "experiment.py", case]
+    env = dict(os.environ, **mpi_env(), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fedmpi: error")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr + result.stdout
+    assert expect in errors[0], errors[0]
+    assert "Traceback" not in result.stderr and "Abort(" not in result.stderr + result.stdout
+    assert snapshot(tmp_path) == before, sorted(snapshot(tmp_path) - before)
