@@ -50,3 +50,13 @@ def test_test_loss_is_the_user_loss(runs):
     assert len(rows) == 2 and all(0 <= r["test_loss"] <= 2 for r in rows)
     batched = read_metrics(runs["batched", 2])
     assert all(abs(r["test_acc"] - b["test_acc"]) <= 0.01 for r, b in zip(rows, batched))
+
+
+def test_a_dropout_model_gives_the_same_accuracy_at_one_two_and_four_ranks(tmp_path, small_data):
+    folder = write_user_code(tmp_path)
+    accs = {}
+    for ranks in (1, 2, 4):
+        out = run(folder, f"dropout-{ranks}", small_data, ranks, "model=usercode:dropout", "model_args={}",
+                  "loss=cross_entropy", "engine=sequential", "rounds=2", "lr=0.05")
+        accs[ranks] = [r["test_acc"] for r in read_metrics(out)]
+    assert accs[1] == accs[2] == accs[4], accs
