@@ -22,7 +22,8 @@ class RunStopped(FedmpiError):
 
 
 def run(config: ConfigLike = None, *, model: Union[Callable, str, None] = None,
-        loss: Union[Callable, str, None] = None, out: Union[str, Path, None] = None, overwrite: bool = False,
+        loss: Union[Callable, str, None] = None, server_opt: Union[type, str, None] = None,
+        out: Union[str, Path, None] = None, overwrite: bool = False,
         resume: Union[str, Path, None] = None, **overrides: Any) -> Optional[list[dict]]:
     """Run federated training on every rank of this MPI job; returns the metrics rows on rank 0, None elsewhere.
 
@@ -30,6 +31,8 @@ def run(config: ConfigLike = None, *, model: Union[Callable, str, None] = None,
     model: a builder `fn(input_shape=, classes=, **model_args) -> nn.Module` (a module-level function or
     class of your script, e.g. `model=MyNet`) or a config value ("cnn", "pkg.mod:fn").
     loss: `fn(outputs, targets) -> per-sample losses [B]`, or a config value.
+    server_opt: a class with the fedmpi.fl.server.ServerOptimizer interface (created with lr=server_lr),
+    or a config value ("fedadam", "pkg.mod:Class").
     out: the run directory (default runs/api); overwrite: replace the run it holds; resume: continue the
     run in that directory from its checkpoint (config keys given here must then match its config.yaml).
     overrides: further config keys, e.g. rounds=5 (as `--set rounds=5`).
@@ -39,7 +42,8 @@ def run(config: ConfigLike = None, *, model: Union[Callable, str, None] = None,
     install_excepthook()  # an uncaught exception on any rank ends the job instead of leaving the others waiting
     try:
         with agreed(comm):  # a bad argument on any rank: the same error on every rank
-            cfg, run_dir = _resolve(config, model, loss, out, resume, overwrite, overrides)
+            cfg, run_dir = _resolve(config, dict(model=model, loss=loss, server_opt=server_opt), out, resume,
+                                    overwrite, overrides)
         code = start_run(cfg, comm, run_dir, resume is not None, overwrite)
     except FedmpiError as err:
         if err.everywhere or comm.size == 1:
@@ -61,12 +65,12 @@ def world_rank() -> int:
     return world().rank
 
 
-def _resolve(config: ConfigLike, model, loss, out, resume, overwrite: bool, overrides: dict) -> tuple[Config, Path]:
+def _resolve(config: ConfigLike, objects: dict, out, resume, overwrite: bool, overrides: dict) -> tuple[Config, Path]:
     """The Config to run (objects registered under their import paths) and the run directory."""
     from . import plugins
 
     values = dict(overrides)
-    for key, given in (("model", model), ("loss", loss)):
+    for key, given in objects.items():
         if given is not None:
             values[key] = given if isinstance(given, str) else plugins.give(key, given)
     if resume is not None:

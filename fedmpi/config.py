@@ -40,7 +40,7 @@ SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
-           "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS, "server_opt": SERVER_OPTS,
+           "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
            "update_dtype": UPDATE_DTYPES}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
@@ -135,13 +135,13 @@ class Config:
             object.__setattr__(self, f.name, coerce(f.name, f.type, getattr(self, f.name)))
         for name, choices in CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
-        for name, choices in (("model", MODELS), ("loss", LOSSES)):
+        for name, choices in (("model", MODELS), ("loss", LOSSES), ("server_opt", SERVER_OPTS)):
             _check_choice_or_path(name, getattr(self, name), choices)
         if self.model_args and self.model in MODELS:
             raise ConfigError(f"config key 'model_args' applies to an imported model; the built-in "
                               f"{self.model!r} takes none")
         if self.server_lr is None:
-            object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS[self.server_opt])
+            object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS.get(self.server_opt, 1.0))
         for name, (low, high, low_open, high_open) in BOUNDS.items():
             _check_range(name, getattr(self, name), low, high, low_open, high_open)
         self._check_data_file()

@@ -186,7 +186,7 @@ def test_config_file_that_is_not_a_mapping(tmp_path):
     ("fraction", 0.0, r"'fraction' must be in \(0.0, 1.0\]"),
     ("fraction", 1.01, "'fraction' must be in"),
     ("fraction", float("nan"), "'fraction' must be in"),
-    ("server_opt", "adam", "'server_opt' must be one of none, fedavgm, fedadam, fedyogi"),
+    ("server_opt", "adam", "'server_opt' must be none, fedavgm, fedadam, fedyogi or an import path"),
     ("server_lr", 0, "'server_lr' must be in"),
     ("server_lr", "fast", "'server_lr' must be a number, got 'fast'"),
     ("server_momentum", 1.0, r"'server_momentum' must be in \[0.0, 1.0\)"),

@@ -60,3 +60,19 @@ def test_a_dropout_model_gives_the_same_accuracy_at_one_two_and_four_ranks(tmp_p
                   "loss=cross_entropy", "engine=sequential", "rounds=2", "lr=0.05")
         accs[ranks] = [r["test_acc"] for r in read_metrics(out)]
     assert accs[1] == accs[2] == accs[4], accs
+
+
+def test_a_user_server_optimizer_steps_as_the_built_in_it_copies_and_resumes_from_its_checkpoint(tmp_path, small_data):
+    folder = write_user_code(tmp_path)
+    plain = ["model=2nn", "model_args={}", "loss=cross_entropy", "rounds=3", "checkpoint_every=1"]
+    builtin = run(folder, "fedavgm", small_data, 2, *plain, "server_opt=fedavgm")
+    user = run(folder, "velocity", small_data, 2, *plain, "server_opt=usercode:Velocity")
+    assert relative_difference(user, builtin) <= 1e-6
+    crashed = fedmpi(["run", "--set", *SMALL, small_data, *USER, "threads=1", *plain, "server_opt=usercode:Velocity",
+                      "--out", str(folder / "crashed")], ranks=2, cwd=folder, timeout=300,
+                     env={"PYTHONPATH": str(ROOT), "FEDMPI_FAULT": "raise:rank=1:round=3"})
+    assert crashed.returncode != 0 and (folder / "crashed" / "checkpoint").is_dir()
+    resumed = fedmpi(["run", "--resume", str(folder / "crashed")], ranks=3, cwd=folder, timeout=300,
+                     env={"PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert relative_difference(folder / "crashed", user) <= 1e-6

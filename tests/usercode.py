@@ -69,6 +69,27 @@ def loss_not_vmappable(outputs, targets):
 
 def loss_nan(outputs, targets):
     return outputs.sum(1) * float("nan")
+
+
+from fedmpi.fl.server import ServerOptimizer
+
+
+class Velocity(ServerOptimizer):
+    STATE_NAMES = ("velocity",)
+
+    def direction(self, d):
+        v = self._buffer("velocity", d)
+        return v.mul_(0.9).add_(d)
+
+
+class NotAnOptimizer:
+    def __init__(self, lr):
+        self.lr = lr
+
+
+class BadInit(ServerOptimizer):
+    def __init__(self, lr):
+        raise RuntimeError("no server today")
 '''
 
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..config import MODELS, Config
+from ..config import MODELS, SERVER_OPTS, Config
 from ..errors import ConfigError
 from ..plugins import describe
 from .losses import loss_function
@@ -51,6 +51,10 @@ def try_stacked(cfg: Config, model: torch.nn.Module, shape: tuple) -> None:
 
 def check_user_code(cfg: Config) -> None:
     """Build an imported model and run it (and an imported loss) on a batch of two zero inputs."""
+    if cfg.server_opt not in SERVER_OPTS:
+        from ..fl.server import from_config
+
+        from_config(cfg)
     if cfg.model in MODELS and cfg.loss == "cross_entropy":
         return  # the built-ins: nothing to try, and no torch import for the cheap checks
     inputs = data_inputs(cfg)

@@ -42,6 +42,10 @@ CASES = [  # --set values, what the one line must say
     (["model=usercode:small", "model_args={w: &a 1}"], "anchors and aliases"),
     (["model=2nn", "model_args={width: 4}"], "config key 'model_args' applies to an imported model"),
     (["model=os:system"], "config key 'model' 'os:system': building the model raised TypeError"),
+    (["server_opt=nosuchmodule:Opt"], "config key 'server_opt' 'nosuchmodule:Opt': no module named 'nosuchmodule'"),
+    (["server_opt=usercode:NotAnOptimizer"], "'usercode:NotAnOptimizer' is not a server optimizer (no method step"),
+    (["server_opt=usercode:BadInit"], "'usercode:BadInit': creating it with lr=1.0 raised RuntimeError: no server"),
+    (["server_opt=adam"], "config key 'server_opt' must be none, fedavgm, fedadam, fedyogi or an import path"),
     (["loss=nosuchmodule:f"], "config key 'loss' 'nosuchmodule:f': no module named 'nosuchmodule'"),
     (["loss=mse"], "config key 'loss' must be cross_entropy or an import path"),
     (["loss=usercode:loss_scalar"], "'usercode:loss_scalar' must return one loss per row (shape [2])"),
@@ -92,6 +96,8 @@ CASES = {
     "model_args_object": lambda: fedmpi.run(config, model=build, model_args={"x": object()}, out="out"),
     "model_args_nan": lambda: fedmpi.run(config, model=build, model_args={"x": float("nan")}, out="out"),
     "config_missing": lambda: fedmpi.run("nowhere.yaml", out="out"),
+    "server_opt_not_a_class": lambda: fedmpi.run(config, server_opt=3.5, out="out"),
+    "server_opt_no_interface": lambda: fedmpi.run(config, server_opt=dict, out="out"),
 }
 try:
     CASES[sys.argv[1]]()
@@ -113,6 +119,8 @@ API_CASES = [
     ("model_args_object", "config key 'model_args' entry 'x' must be a number, true/false, a text or a list"),
     ("model_args_nan", "config key 'model_args' entry 'x' must be finite, got nan"),
     ("config_missing", "cannot read config file nowhere.yaml"),
+    ("server_opt_not_a_class", "server_opt=: expected a function or class, got float"),
+    ("server_opt_no_interface", "config key 'server_opt' 'builtins:dict' is not a server optimizer (no method step"),
 ]
 
 
