@@ -76,3 +76,13 @@ def test_a_user_server_optimizer_steps_as_the_built_in_it_copies_and_resumes_fro
                      env={"PYTHONPATH": str(ROOT)})
     assert resumed.returncode == 0, resumed.stderr
     assert relative_difference(folder / "crashed", user) <= 1e-6
+
+
+@pytest.mark.parametrize("engine", ["batched", "sequential"])
+def test_a_loss_giving_nan_makes_its_nodes_diverge_and_ends_the_job_with_exit_3(tmp_path, small_data, engine):
+    folder = write_user_code(tmp_path)
+    result = fedmpi(["run", "--set", *SMALL, small_data, *USER, "threads=1", "loss=usercode:loss_nan",
+                     f"engine={engine}", "--out", str(folder / "nan")], ranks=2, cwd=folder, timeout=300,
+                    env={"PYTHONPATH": str(ROOT)})
+    assert result.returncode == 3, result.stderr
+    assert "diverged (NaN/Inf) in round 1" in result.stderr and not (folder / "nan" / "model.pt").exists()
