@@ -10,11 +10,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .config import Config, load_config
+from .config import FIELD_TYPES, Config, load_config
 from .errors import ConfigError, FedmpiError
 from .runtime.comm import agreed, fail_job, install_excepthook, world
 
 ConfigLike = Union[Config, dict, str, Path, None]
+_HOOKED = False
 
 
 class RunStopped(FedmpiError):
@@ -39,7 +40,10 @@ def run(config: ConfigLike = None, *, model: Union[Callable, str, None] = None,
     Raises ConfigError, DataError, OutputError (FedmpiError subclasses) on every rank alike.
     """
     comm = world()
-    install_excepthook()  # an uncaught exception on any rank ends the job instead of leaving the others waiting
+    global _HOOKED
+    if not _HOOKED:  # an uncaught exception on any rank ends the job instead of leaving the others waiting
+        install_excepthook()
+        _HOOKED = True
     try:
         with agreed(comm):  # a bad argument on any rank: the same error on every rank
             cfg, run_dir = _resolve(config, dict(model=model, loss=loss, server_opt=server_opt), out, resume,
@@ -86,6 +90,9 @@ def _resolve(config: ConfigLike, objects: dict, out, resume, overwrite: bool, ov
 
 def _config(config: ConfigLike, values: dict) -> Config:
     if isinstance(config, Config):
+        unknown = sorted(set(values) - set(FIELD_TYPES))
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(FIELD_TYPES))}")
         return dataclasses.replace(config, **values) if values else config
     if isinstance(config, dict):
         return load_config(None, {**config, **values})
