@@ -75,46 +75,15 @@ def cmd_prepare(cfg, args, comm) -> None:
 
 
 def cmd_run(cfg, args, comm) -> None:
-    from .data.partition import node_ranges
-    from .data.prepare import check_matches, check_preparable, prepare
-    from .runtime.agree import on_rank0
-    from .runtime.rundir import clear_previous, open_run_dir
+    from .api import start_run
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
-    resume = args.resume is not None
-
-    def check() -> Optional[tuple]:
-        """Cheap checks first (bad input fails in about a second, before torch is imported), then rank 0
-        locks and checks the run directory, then the shard file is made whole or refused, all before
-        the run directory holds anything but its lock."""
-        node_ranges(cfg.nodes, comm.size)
-        if cfg.data_path.exists():
-            check_matches(cfg, cfg.data_path)
-        else:  # the shard file is to be made: refuse what cannot be made before anything is written
-            check_preparable(cfg)
-        resumed = open_run_dir(run_dir, cfg, resume, args.overwrite)
-        prepare(cfg)
-        if not resume:
-            clear_previous(run_dir)
-        return resumed
-
-    # The other ranks learn rank 0's verdict and its checkpoint.
-    resumed = shared_checkpoint(comm, on_rank0(comm, check))
-    from .run import run
-
-    code = run(cfg, run_dir, comm, resumed)
+    code = start_run(cfg, comm, run_dir, args.resume is not None, args.overwrite)
     if comm.rank == 0 and code == 0:
         print(f"run directory: {run_dir}")
     if code:
         sys.exit(code)
-
-
-def shared_checkpoint(comm, resumed: Optional[tuple]) -> Optional[tuple]:
-    """Rank 0's checkpoint folder and meta.json on every rank (the metrics rows stay on rank 0)."""
-    slim = None if resumed is None else (resumed[0], {k: v for k, v in resumed[1].items() if k != "metrics"})
-    slim = comm.bcast(slim)
-    return resumed if comm.rank == 0 else slim
 
 
 def resume_config(args) -> Optional[str]:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import string
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +27,7 @@ import yaml
 
 from .configfile import parse_config_text, read_config_file
 from .errors import ConfigError
+from .plugins import is_import_path, keyword_args
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "synthetic", "file")
 PARTITIONS = ("balanced", "iid", "shards", "dirichlet", "quantity")
@@ -37,8 +38,9 @@ ENGINES = ("batched", "sequential")
 AUTOCASTS = ("none", "bf16")
 SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
-CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "model": MODELS, "aggregation": AGGREGATIONS,
-           "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS, "server_opt": SERVER_OPTS,
+LOSSES = ("cross_entropy",)
+CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
+           "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
            "update_dtype": UPDATE_DTYPES}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
@@ -92,7 +94,9 @@ class Config:
     partition: str = "balanced"
     samples_per_node: int = 450
     test_per_node: int = 90
-    model: str = "2nn"
+    model: str = "2nn"            # a built-in (2nn, cnn) or an import path package.module:callable
+    model_args: dict = field(default_factory=dict)  # keyword arguments of an imported model builder
+    loss: str = "cross_entropy"   # or an import path to fn(outputs, targets) -> per-sample losses [B]
     rounds: int = 11
     local_epochs: int = 10
     batch_size: int = 32
@@ -131,8 +135,13 @@ class Config:
             object.__setattr__(self, f.name, coerce(f.name, f.type, getattr(self, f.name)))
         for name, choices in CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
+        for name, choices in (("model", MODELS), ("loss", LOSSES), ("server_opt", SERVER_OPTS)):
+            _check_choice_or_path(name, getattr(self, name), choices)
+        if self.model_args and self.model in MODELS:
+            raise ConfigError(f"config key 'model_args' applies to an imported model; the built-in "
+                              f"{self.model!r} takes none")
         if self.server_lr is None:
-            object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS[self.server_opt])
+            object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS.get(self.server_opt, 1.0))
         for name, (low, high, low_open, high_open) in BOUNDS.items():
             _check_range(name, getattr(self, name), low, high, low_open, high_open)
         self._check_data_file()
@@ -206,6 +215,8 @@ def coerce(name: str, type_name: Any, value: Any) -> Any:
         return _float_value(name, value)
     if kind == "bool":
         return _bool_value(name, value)
+    if kind == "dict":
+        return keyword_args(name, value)
     if isinstance(value, str):
         if "\x00" in value:
             raise ConfigError(f"config key '{name}' must be text without NUL bytes, got {_show(value)}")
@@ -262,6 +273,12 @@ def _show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _check_choice_or_path(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices and not is_import_path(value):
+        raise ConfigError(f"config key '{name}' must be {', '.join(choices)} or an import path "
+                          f"package.module:callable; got {_show(value)}")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"config key '{name}' must be one of {', '.join(choices)}; got {_show(value)}")
@@ -283,7 +300,7 @@ def _check_range(name: str, value: float, low: Optional[float] = None, high: Opt
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
-PLACEHOLDER_KEYS = frozenset(FIELD_TYPES) - {"data_file"}
+PLACEHOLDER_KEYS = frozenset(FIELD_TYPES) - {"data_file", "model_args"}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

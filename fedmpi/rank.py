@@ -103,7 +103,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     watchdog.stage("reading this rank's shards")
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
-    model = build_model(cfg.model, shape, classes, cfg.seed).to(device)
+    model = build_model(cfg.model, shape, classes, cfg.seed, cfg.model_args).to(device)
     check_memory(cfg, comm, device, model, path, mine, shape)
     announce(comm, f"reading the shards of {cfg.nodes} nodes ({comm.size} {plural(comm.size, 'rank')}) from {path}")
     train = read_nodes(path, "train", mine.start, mine.stop)

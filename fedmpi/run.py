@@ -17,6 +17,7 @@ from . import __version__
 from .config import Config, config_text
 from .data.partition import node_ranges
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
+from .engine.losses import loss_function
 from .engine.params import load_flat
 from .errors import FedmpiError
 from .fl.aggregate import INTERRUPTED, UpdateSum, Wire, round_abandoned, summed_update, trailer
@@ -154,7 +155,8 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     t1 = sync(st.device)
     main_on_local = per_node_accuracy(st.model, st.main, *st.local_test)
     evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-    test = accuracy_loss(st.model, st.main, *st.test) if st.test is not None and evaluated else (None, None)
+    test = (accuracy_loss(st.model, st.main, *st.test, loss_function(cfg.loss)) if st.test is not None and evaluated
+            else (None, None))
     t_eval = sync(st.device) - t1
     # 5. record: rank 0 gathers every rank's timings and node scores.
     nodes = [dict(node=st.first + k, rank=st.comm.rank, samples=int(st.samples[k]), local_acc=float(local_acc[k]),

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
 from .sequential import Chunk, compute_dtype
@@ -47,6 +49,15 @@ def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int, r
     return int(max(1, min(nodes, budget // per_node)))
 
 
+def check_stackable(model: nn.Module) -> None:
+    """Refuse a module the stacked training does not handle yet: buffers (BatchNorm's running statistics)
+    or Dropout's random draws, which would need to be kept or drawn per node."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) or next(module.buffers(recurse=False), None) is not None:
+            raise ConfigError(f"config key 'engine': the batched engine cannot train a model with "
+                              f"{type(module).__name__} (buffers or random draws per node); set engine: sequential")
+
+
 @torch.no_grad()
 def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of every module output for one sample, x2 for their gradients."""
@@ -74,12 +85,14 @@ class BatchedEngine:
                  first_node: int, cfg, ranks_on_device: int = 1) -> None:
         self.model, self.x, self.y, self.cfg = model, x, y, cfg
         self.offsets, self.first_node = offsets, first_node
+        check_stackable(model)
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
         self.momentum = torch.zeros(nodes, size, device=x.device, dtype=x.dtype)
-        layers = mlp_layers(model)
+        loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
+        layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
-        self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype)
+        self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype, loss)
         chunk = getattr(cfg, "chunk_nodes", 0)
         if chunk <= 0:
             chunk = auto_chunk(model, x, cfg.batch_size, nodes, ranks_on_device) if len(x) else 1

@@ -18,16 +18,19 @@ from ..config import Config
 from ..data.files import read_text, reason, remove_quietly
 from ..errors import DataError
 from .evaluate import accuracy_loss
+from .losses import loss_function
 from .models import build_model
 from .params import flatten, views
 from .sequential import CENTRAL_STREAM, batch_generator, sgd_epochs
 
 CACHE_KEYS = ("model", "central_epochs", "lr", "momentum", "batch_size", "seed")
+USER_KEYS = (("model_args", {}), ("loss", "cross_entropy"))  # keyed only when set: built-in runs keep their caches
 MAX_CACHE_BYTES = 1 << 20  # a cache holds two floats per epoch
 
 
 def cache_path(cfg: Config) -> Path:
-    key = cfg.digest(CACHE_KEYS + ("dataset", "partition", "nodes", "samples_per_node"))
+    user = tuple(k for k, default in USER_KEYS if getattr(cfg, k) != default)
+    key = cfg.digest(CACHE_KEYS + ("dataset", "partition", "nodes", "samples_per_node") + user)
     if cfg.dataset == "file":  # a file imported again under the same name holds other data
         st = os.stat(cfg.data_path)
         key = hashlib.sha256(f"{key}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -72,14 +75,15 @@ def write_cache(path: Path, result: dict) -> None:
 def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                   input_shape: tuple, classes: int, tick: Optional[Callable[[], None]] = None) -> dict:
     """Train for cfg.central_epochs, scoring the test set after each epoch; `tick()` before each step."""
-    model = build_model(cfg.model, input_shape, classes, cfg.seed).to(x.device)
+    model = build_model(cfg.model, input_shape, classes, cfg.seed, cfg.model_args).to(x.device)
+    loss_fn = loss_function(cfg.loss)
     params = list(model.parameters())
     bufs = views(torch.zeros(sum(p.numel() for p in params), device=x.device), params)
     gen = batch_generator(cfg.seed, 0, 0, stream=CENTRAL_STREAM)
     accs, losses = [], []
     for _ in range(cfg.central_epochs):
-        sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen, tick=tick)
-        acc, loss = accuracy_loss(model, flatten(params), test_x, test_y)
+        sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen, tick=tick, loss_fn=loss_fn)
+        acc, loss = accuracy_loss(model, flatten(params), test_x, test_y, loss_fn)
         accs.append(acc)
         losses.append(loss)
     return {"test_acc": accs, "test_loss": losses, "samples": len(y), "epochs": cfg.central_epochs}

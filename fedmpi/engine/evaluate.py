@@ -1,38 +1,56 @@
 """Scoring a flat parameter vector on data: whole test set, or per node via segment sums."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .losses import Loss
 from .params import views, views_k
 
 EVAL_BATCH = 2048
 
 
+@contextmanager
+def scoring(model: nn.Module) -> Iterator[None]:
+    """model.eval() while scoring (Dropout off, BatchNorm on its running statistics), its mode restored after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 @torch.no_grad()
-def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor,
-                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample correctness (bool) and cross-entropy loss of the model with parameters `flat`."""
+def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  loss_fn: Optional[Loss] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample correctness (bool) and loss (`loss_fn`, cross-entropy when None) with parameters `flat`."""
     names = [n for n, _ in model.named_parameters()]
     params = dict(zip(names, views(flat, list(model.parameters()))))
     correct, losses = [], []
     for start in range(0, len(y), EVAL_BATCH):
-        logits = functional_call(model, params, (x[start:start + EVAL_BATCH],))
+        with scoring(model):
+            logits = functional_call(model, params, (x[start:start + EVAL_BATCH],))
         target = y[start:start + EVAL_BATCH]
         correct.append(logits.argmax(1) == target)
-        losses.append(F.cross_entropy(logits, target, reduction="none"))
+        losses.append(F.cross_entropy(logits, target, reduction="none") if loss_fn is None
+                      else loss_fn(logits, target))
     if not correct:
         empty = torch.zeros(0, device=x.device)
         return empty.bool(), empty
     return torch.cat(correct), torch.cat(losses)
 
 
-def accuracy_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean loss over the whole of (x, y)."""
-    correct, losses = predict_stats(model, flat, x, y)
+def accuracy_loss(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  loss_fn: Optional[Loss] = None) -> tuple[float, float]:
+    """Accuracy and mean loss (`loss_fn`, cross-entropy when None) over the whole of (x, y)."""
+    correct, losses = predict_stats(model, flat, x, y, loss_fn)
     return correct.float().mean().item(), losses.mean().item()
 
 
@@ -62,7 +80,8 @@ def stacked_accuracy(model: nn.Module, params: torch.Tensor, x: torch.Tensor, y:
     rows = torch.from_numpy(np.where(real, starts[:, None] + slot[None, :], 0)).to(x.device)  # padding: row 0
     names, like = [n for n, _ in model.named_parameters()], list(model.parameters())
     stacked = {n: v.reshape(len(params), *t.shape) for n, v, t in zip(names, views_k(params, like), like)}
-    logits = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)))(stacked, x[rows])
+    with scoring(model):
+        logits = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)))(stacked, x[rows])
     hits = ((logits.argmax(-1) == y[rows]) & torch.from_numpy(real).to(x.device)).sum(1).double().cpu().numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)

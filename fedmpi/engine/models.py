@@ -1,8 +1,13 @@
-"""The two models of the FedAvg literature on MNIST, built deterministically from a seed."""
+"""Models built deterministically from a seed: the two of the FedAvg literature, or a user's builder."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
+from ..plugins import describe, load
 
 
 def mlp_2nn(input_shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -27,11 +32,33 @@ def cnn(input_shape: tuple[int, ...], classes: int) -> nn.Module:
 BUILDERS = {"2nn": mlp_2nn, "cnn": cnn}
 
 
-def build_model(name: str, input_shape: tuple[int, ...], classes: int, seed: int) -> nn.Module:
-    """The same initial weights on every rank: built on the CPU from the seed alone."""
+def build_model(name: str, input_shape: tuple[int, ...], classes: int, seed: int,
+                args: Optional[dict] = None) -> nn.Module:
+    """The same initial weights on every rank: built on the CPU from the seed alone.
+
+    `name` is a built-in or an import path to `builder(input_shape=, classes=, **args) -> nn.Module`;
+    whatever goes wrong with a user's builder is one ConfigError naming config key 'model' and the path.
+    """
+    builder = BUILDERS.get(name) or load("model", name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BUILDERS[name](tuple(input_shape), classes)
+        if name in BUILDERS:
+            return builder(tuple(input_shape), classes)
+        try:
+            model = builder(input_shape=tuple(input_shape), classes=classes, **(args or {}))
+        except Exception as err:  # noqa: BLE001 - user code: whatever it raises is one line
+            raise ConfigError(f"config key 'model' {name!r}: building the model raised {describe(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"config key 'model' {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError(f"config key 'model' {name!r} returned a {type(model).__name__} without parameters: "
+                          f"there is nothing to train")
+    odd = next((n for n, p in model.named_parameters() if p.dtype != torch.float32 or not p.requires_grad), None)
+    if odd is not None:
+        raise ConfigError(f"config key 'model' {name!r}: parameter {odd!r} must be a trainable float32 tensor "
+                          f"(fedmpi trains and averages every parameter in float32)")
+    return model
 
 
 def count_params(model: nn.Module) -> int:

@@ -6,6 +6,7 @@ between rounds without one optimizer object per node.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -14,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import Loss, loss_function
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
+DROPOUT_STREAM = 2  # seed stream of a node's random draws inside the model (Dropout)
 
 
 def batch_generator(seed: int, node: int, rnd: int, stream: int = 0) -> torch.Generator:
@@ -35,13 +38,15 @@ def compute_dtype(cfg) -> Optional[torch.dtype]:
 def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator,
                prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None,
-               dtype: Optional[torch.dtype] = None, tick: Optional[Callable[[], None]] = None) -> None:
+               dtype: Optional[torch.dtype] = None, tick: Optional[Callable[[], None]] = None,
+               loss_fn: Optional[Loss] = None) -> None:
     """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
 
     The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
     With prox_mu > 0 (FedProx) the gradient of mu/2 ||w - anchor||^2 is added to each step's.
     dtype bfloat16: the forward and its backward run under torch.autocast (mixed precision).
     `tick()` runs before each step (progress, and a stop signal raising out of training).
+    `loss_fn`: a per-sample loss (engine/losses.py) averaged over the batch; None: cross-entropy.
     """
     params = list(model.parameters())
     n = len(y)
@@ -53,7 +58,10 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
                 tick()
             idx = order[start:start + batch_size]
             with autocast:
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                if loss_fn is None:
+                    loss = F.cross_entropy(model(x[idx]), y[idx])
+                else:
+                    loss = loss_fn(model(x[idx]), y[idx]).mean()
             grads = list(torch.autograd.grad(loss, params))
             if prox_mu:
                 add_proximal_(grads, params, anchor, prox_mu)
@@ -61,6 +69,15 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
                 torch._foreach_add_(params, bufs, alpha=-lr)
+
+
+@contextmanager
+def node_random(device: torch.device, seed: int, node: int, rnd: int) -> Iterator[None]:
+    """torch's global generator (Dropout's draws) seeded from (seed, node, round), as the batch order is:
+    the same draws at any rank count; the caller's generator state is restored after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(batch_generator(seed, node, rnd, stream=DROPOUT_STREAM).initial_seed()))
+        yield
 
 
 @dataclass
@@ -82,6 +99,7 @@ class SequentialEngine:
         size = sum(p.numel() for p in self.params)
         # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
         self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
+        self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
               tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
@@ -93,9 +111,11 @@ class SequentialEngine:
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
             load_flat(self.params, main)
-            sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
-                       cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
-                       cfg.prox_mu, anchor, compute_dtype(cfg), tick)
+            with node_random(self.x.device, cfg.seed, node, rnd):
+                sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
+                           cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
+                           batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
+                           self.loss)
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .losses import Loss
 from .params import views_k
 from .plan import Plan
 
@@ -21,8 +23,10 @@ class VmapKernel:
     then runs on the whole [K, P] matrices (two passes over memory per step).
     """
 
-    def __init__(self, model: nn.Module, dtype=None) -> None:
+    def __init__(self, model: nn.Module, dtype=None, loss_fn: Optional[Loss] = None) -> None:
         self.model, self.dtype = model, dtype
+        # Per-row losses, weighted per row (1/n on a node's real rows, 0 on padding) and summed.
+        self.loss_fn = loss_fn or partial(F.cross_entropy, reduction="none")
         self.names = [n for n, _ in model.named_parameters()]
         self.like = list(model.parameters())
         self._local = threading.local()
@@ -31,10 +35,10 @@ class VmapKernel:
         """vmap(grad(loss)) over this thread's own copy of the model: functional_call swaps the
         module's parameters while it runs, so two threads must never share one module."""
         if not hasattr(self._local, "grads"):
-            model = copy.deepcopy(self.model)
+            model, per_row = copy.deepcopy(self.model), self.loss_fn
 
             def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return (F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none") * w).sum()
+                return (per_row(functional_call(model, params, (x,)), y) * w).sum()
 
             self._local.grads = vmap(grad(loss))
         return self._local.grads

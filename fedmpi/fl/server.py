@@ -111,7 +111,33 @@ def make_server_optimizer(name: str, lr: Optional[float] = None, momentum: float
     raise ValueError(f"unknown server optimizer {name!r}: none, fedavgm, fedadam or fedyogi")
 
 
+INTERFACE = ("step", "state", "load_state")
+
+
 def from_config(cfg) -> ServerOptimizer:
-    """The server optimizer a Config asks for (server_opt and the server_* keys)."""
+    """The server optimizer a Config asks for (server_opt and the server_* keys), or a user's class named by
+    an import path, called with lr=server_lr; one ConfigError naming the key when it is not one."""
+    if cfg.server_opt not in ("none", "fedavgm", "fedadam", "fedyogi"):
+        return user_server_optimizer(cfg.server_opt, cfg.server_lr)
     return make_server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.server_beta1,
                                  cfg.server_beta2, cfg.server_tau)
+
+
+def user_server_optimizer(path: str, lr: float) -> ServerOptimizer:
+    """An instance of the class at import path `path`, checked for the ServerOptimizer interface."""
+    from ..errors import ConfigError
+    from ..plugins import describe, load
+
+    where = f"config key 'server_opt' {path!r}"
+    try:
+        opt = load("server_opt", path)(lr=lr)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - user code: whatever it raises is one line
+        raise ConfigError(f"{where}: creating it with lr={lr} raised {describe(err)}") from None
+    missing = [name for name in INTERFACE if not callable(getattr(opt, name, None))]
+    names = getattr(opt, "STATE_NAMES", None)
+    if missing or not isinstance(names, tuple) or not all(isinstance(n, str) and n.isidentifier() for n in names):
+        lack = f"no method {', '.join(missing)}" if missing else "STATE_NAMES is not a tuple of names"
+        raise ConfigError(f"{where} is not a server optimizer ({lack}): subclass fedmpi.fl.server.ServerOptimizer")
+    return opt
