@@ -37,7 +37,7 @@ ENGINES = ("batched", "sequential")
 AUTOCASTS = ("none", "bf16")
 SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
-ALGORITHMS = ("fedavg", "scaffold")
+ALGORITHMS = ("fedavg", "scaffold", "fednova")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "model": MODELS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS, "server_opt": SERVER_OPTS,
            "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS}
@@ -145,6 +145,14 @@ class Config:
         if self.algorithm == "scaffold" and self.update_dtype != "fp32":
             raise ConfigError(f"config key 'algorithm': scaffold sends its control variates in fp32 only; "
                               f"set update_dtype: fp32 (got {self.update_dtype})")
+        if self.algorithm == "fednova":
+            # Its normalization counts plain SGD steps: a momentum buffer kept across rounds, a proximal
+            # term or a pre-divided half-precision update would each need another rule.
+            for key, bad in (("momentum", self.momentum != 0), ("prox_mu", self.prox_mu != 0),
+                             ("update_dtype", self.update_dtype != "fp32")):
+                if bad:
+                    raise ConfigError(f"config key 'algorithm': fednova takes plain local SGD with fp32 updates; "
+                                      f"'{key}' is {getattr(self, key)!r}")
 
     def _check_data_file(self) -> None:
         """Placeholders are plain config keys, and the filled-in name is a usable path."""

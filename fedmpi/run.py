@@ -20,7 +20,7 @@ from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.params import load_flat
 from .errors import FedmpiError
 from .fl.aggregate import INTERRUPTED, UpdateSum, Wire, extra_sum, round_abandoned, summed_update, trailer
-from .fl.algorithms import scaffold_server_control
+from .fl.algorithms import fednova_rows, fednova_scale, scaffold_server_control
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
 from .output import tensorboard
@@ -70,8 +70,9 @@ class MomentumUndo:
 
 
 def extra_values(st: Rank) -> int:
-    """Values the Allreduce carries after the model update: SCAFFOLD's control deltas (P), else none."""
-    return st.main.numel() if st.cfg.algorithm == "scaffold" else 0
+    """Values the Allreduce carries after the model update: SCAFFOLD's control deltas (P), FedNova's
+    weighted step count (1), else none."""
+    return {"scaffold": st.main.numel(), "fednova": 1}.get(st.cfg.algorithm, 0)
 
 
 def sync(device: torch.device) -> float:
@@ -124,8 +125,12 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
         finite_host = finite.cpu().numpy()
         local_acc[ks[~finite_host]] = np.nan  # a dropped node has no local model to score
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
-        deltas = None if chunk.control_delta is None else chunk.control_delta[finite]
-        update.add(chunk.params[finite], st.weights[ks[finite_host]], deltas)
+        weights, tally = st.weights[ks[finite_host]], None
+        extra = None if chunk.control_delta is None else chunk.control_delta[finite]
+        if st.cfg.algorithm == "fednova":
+            weights, tally, extra = fednova_rows(weights, st.samples[ks[finite_host]], st.cfg.local_epochs,
+                                                 st.cfg.batch_size)
+        update.add(chunk.params[finite], weights, extra, tally)
         progress(st, ks[-1] + 1)
 
 
@@ -194,8 +199,11 @@ def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, 
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
     if dropped_total < len(selected):
-        st.main = st.server.step(st.main, *summed_update(buf, wire))
-        if wire.extra:  # SCAFFOLD: c += (|S| / N) * the mean control delta
+        update_sum, scale = summed_update(buf, wire)
+        if cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
+            scale = fednova_scale(trailer(buf, wire)[0], float(extra_sum(buf, wire)[0]))
+        st.main = st.server.step(st.main, update_sum, scale)
+        if cfg.algorithm == "scaffold":  # SCAFFOLD: c += (|S| / N) * the mean control delta
             scaffold_server_control(st.engine.server_control, extra_sum(buf, wire), cfg.nodes)
     elif comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node: nothing to average
         print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "

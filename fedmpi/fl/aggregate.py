@@ -84,12 +84,14 @@ class UpdateSum:
                       else self.payload[size:size + extra])
         self.weight = 0.0
 
-    def add(self, params: torch.Tensor, weights: np.ndarray, extra_rows: Optional[torch.Tensor] = None) -> None:
-        """Add rows params[j] with weights[j] (params: [k, P]), and the rows of `extra_rows` unweighted."""
+    def add(self, params: torch.Tensor, weights: np.ndarray, extra_rows: Optional[torch.Tensor] = None,
+            tally: Optional[np.ndarray] = None) -> None:
+        """Add rows params[j] with weights[j] (params: [k, P]), and the rows of `extra_rows` unweighted;
+        the trailer's weight counts `tally` (default: `weights`; FedNova weights its updates otherwise)."""
         if len(weights):
             w = torch.as_tensor(weights, dtype=torch.float32, device=params.device)
             self.total.addmv_((params.float() - self.main.float()).t(), w)
-            self.weight += float(np.sum(weights))
+            self.weight += float(np.sum(weights if tally is None else tally))
         if extra_rows is not None and len(extra_rows):
             self.extra.add_(extra_rows.float().sum(0))
 

@@ -7,6 +7,7 @@ model update; the server sets c += (1 / N) * sum_{i in S} delta_i, i.e. (|S| / N
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -32,3 +33,31 @@ def scaffold_node_controls(node_c: torch.Tensor, server_c: torch.Tensor, main: t
 def scaffold_server_control(server_c: torch.Tensor, delta_sum: torch.Tensor, nodes: int) -> torch.Tensor:
     """c += (1 / N) sum of the round's deltas, in place (N: all nodes, not only the selected ones); returns c."""
     return server_c.add_(delta_sum.to(server_c.device, server_c.dtype), alpha=1.0 / nodes)
+
+
+# FedNova (Wang et al. 2020), plain local SGD: node i takes tau_i steps and sends its update divided by
+# tau_i; the server moves by tau_eff = sum_i p_i tau_i times the weighted mean of those normalized
+# updates, so a node that took more steps no longer pulls the average its way (quantity skew).
+
+def local_steps(samples, epochs: int, batch_size: int):
+    """tau_i: the steps a node takes in one round (`epochs` passes of ceil(n_i / B) batches)."""
+    return epochs * -(-np.asarray(samples, dtype=np.int64) // batch_size)
+
+
+def fednova_row_weights(weights, steps):
+    """(weights of the normalized updates w_i / tau_i, the tally w_i tau_i); a node without steps sends nothing."""
+    weights, steps = np.asarray(weights, dtype=np.float64), np.asarray(steps, dtype=np.float64)
+    took = steps > 0
+    return np.where(took, weights / np.maximum(steps, 1), 0.0), weights * steps
+
+
+def fednova_rows(weights, samples, epochs: int, batch_size: int) -> tuple:
+    """A chunk's part of the FedNova buffer: (update weights w_i / tau_i, trailer weights w_i, the one
+    extra value sum w_i tau_i as a [1, 1] tensor)."""
+    rows, tally = fednova_row_weights(weights, local_steps(samples, epochs, batch_size))
+    return rows, weights, torch.tensor([[float(tally.sum())]])
+
+
+def fednova_scale(total_weight: float, weighted_steps: float) -> float:
+    """The factor on the all-reduced sum of w_i (y_i - x) / tau_i: tau_eff / W = (sum w_i tau_i) / W^2."""
+    return weighted_steps / (total_weight * total_weight)
