@@ -75,3 +75,29 @@ def test_resume_restores_the_control_variates(small_data, tmp_path):
     wa, wb = weights(reference), weights(tmp_path / "run")
     for name in wa:
         assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-6), name
+
+
+def test_an_abandoned_round_puts_the_control_variates_back():
+    """A stop signal during training abandons the round: the trained nodes' c_i return to their values before it."""
+    from types import SimpleNamespace
+
+    from fedmpi.run import MomentumUndo
+
+    state = {"momentum": torch.zeros(4, 3), "control": torch.arange(12.0).view(4, 3)}
+    st = SimpleNamespace(engine=SimpleNamespace(state=lambda: state), cfg=SimpleNamespace(momentum=0.0))
+    undo = MomentumUndo(st, np.array([1, 3]))
+    before = state["control"].clone()
+    state["control"][[1, 3]] = -1.0  # training moved them
+    state["control"][0] = 7.0        # not in the round: not undone
+    undo.restore()
+    assert torch.equal(state["control"][[1, 3]], before[[1, 3]]) and (state["control"][0] == 7.0).all()
+
+
+def test_scaffold_with_a_server_optimizer_is_the_same_at_1_and_3_ranks(small_data, tmp_path):
+    args = [*SCAFFOLD, "server_opt=fedavgm", "server_lr=0.5"]
+    one, three = (tmp_path / "n1"), (tmp_path / "n3")
+    assert run(small_data, one, 1, *args).returncode == 0 and run(small_data, three, 3, *args).returncode == 0
+    acc = [[r["test_acc"] for r in read_metrics(d)] for d in (one, three)]
+    assert len(set(acc[0])) > 1 and np.max(np.abs(np.subtract(*acc))) <= 1e-4
+    for name, w in weights(three).items():
+        assert torch.allclose(w, weights(one)[name], rtol=1e-4, atol=1e-6), name

@@ -93,7 +93,7 @@ class UpdateSum:
             self.total.addmv_((params.float() - self.main.float()).t(), w)
             self.weight += float(np.sum(weights if tally is None else tally))
         if extra_rows is not None and len(extra_rows):
-            self.extra.add_(extra_rows.float().sum(0))
+            self.extra.add_(extra_rows.float().sum(0).to(self.extra.device))
 
     def pack(self, dropped: int = 0, stop: float = 0.0, wire: Wire = FP32, round_weight: float = 1.0) -> np.ndarray:
         """The collective's payload: the updates, then the trailer (`Wire.tail` values).
