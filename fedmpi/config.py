@@ -39,9 +39,10 @@ AUTOCASTS = ("none", "bf16")
 SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
+ALGORITHMS = ("fedavg", "scaffold", "fednova")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
-           "update_dtype": UPDATE_DTYPES}
+           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
 # (Reddi et al. 2021 tune it near 10^-2 for Adam and Yogi on their image tasks).
@@ -128,6 +129,7 @@ class Config:
     server_tau: float = 1e-3
     prox_mu: float = 0.0
     update_dtype: str = "fp32"
+    algorithm: str = "fedavg"       # scaffold: SCAFFOLD's control variates (Karimireddy et al. 2020, option II)
     tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
 
     def __post_init__(self) -> None:
@@ -145,6 +147,21 @@ class Config:
         for name, (low, high, low_open, high_open) in BOUNDS.items():
             _check_range(name, getattr(self, name), low, high, low_open, high_open)
         self._check_data_file()
+        self._check_algorithm()
+
+    def _check_algorithm(self) -> None:
+        """Combinations the algorithm cannot take."""
+        if self.algorithm == "scaffold" and self.update_dtype != "fp32":
+            raise ConfigError(f"config key 'algorithm': scaffold sends its control variates in fp32 only; "
+                              f"set update_dtype: fp32 (got {self.update_dtype})")
+        if self.algorithm == "fednova":
+            # Its normalization counts plain SGD steps: a momentum buffer kept across rounds, a proximal
+            # term or a pre-divided half-precision update would each need another rule.
+            for key, bad in (("momentum", self.momentum != 0), ("prox_mu", self.prox_mu != 0),
+                             ("update_dtype", self.update_dtype != "fp32")):
+                if bad:
+                    raise ConfigError(f"config key 'algorithm': fednova takes plain local SGD with fp32 updates; "
+                                      f"'{key}' is {getattr(self, key)!r}")
 
     def _check_data_file(self) -> None:
         """Placeholders are plain config keys, and the filled-in name is a usable path."""

@@ -157,7 +157,7 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     workers = torch.get_num_threads() if cfg.engine == "batched" and device.type == "cpu" else 1
     work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
                        activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
-                       cfg.batch_size, cfg.local_epochs)
+                       cfg.batch_size, cfg.local_epochs, cfg.algorithm == "scaffold")
     gpu = device.type == "cuda"
     report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
                            memory.rank_parts(rows, work, gpu), memory.host_available(),
@@ -171,10 +171,14 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
 
 def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
     """Continue from a checkpoint: main model, every local node's momentum, rounds done, metrics."""
-    main, state = checkpoint.load_main(folder, st.main, st.server.STATE_NAMES if meta["round"] else ())
+    nodes = st.engine.state()  # momentum, and scaffold's control variates c_i
+    scaffold = "control" in nodes
+    main, state = checkpoint.load_main(folder, st.main, st.server.STATE_NAMES if meta["round"] else (), scaffold)
     st.main = main.to(st.device)
+    if scaffold:
+        st.engine.server_control.copy_(state.pop("control").to(st.device))
     st.server.load_state(state, st.device)  # on the main model's device, or its step mixes devices
-    momentum = st.engine.state()["momentum"]
-    momentum.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, momentum).to(st.device))
+    for key, tensor in nodes.items():
+        tensor.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, tensor, key, len(nodes)).to(st.device))
     st.done_rounds = meta["round"]
     st.rows = list(meta.get("metrics") or []) if st.comm.rank == 0 else None

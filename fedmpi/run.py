@@ -20,7 +20,8 @@ from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
 from .engine.params import load_flat
 from .errors import FedmpiError
-from .fl.aggregate import INTERRUPTED, UpdateSum, Wire, round_abandoned, summed_update, trailer
+from .fl.aggregate import INTERRUPTED, UpdateSum, Wire, extra_sum, round_abandoned, summed_update, trailer
+from .fl.algorithms import fednova_rows, fednova_scale, scaffold_server_control
 from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
 from .output import tensorboard
@@ -50,21 +51,29 @@ class RoundResult:
 
 
 class MomentumUndo:
-    """The momentum of a round's nodes before training, put back when the round is abandoned.
+    """The per-node state (momentum, SCAFFOLD's c_i) of a round's nodes before training, put back
+    when the round is abandoned.
 
-    Only with momentum > 0: with 0 a buffer never reaches the next round's math (0 * buf).
-    Costs one copy of the selected nodes' momentum per round, on the momentum's device.
+    Momentum only with momentum > 0: with 0 a buffer never reaches the next round's math (0 * buf).
+    Costs one copy of the selected nodes' state per round, on its device.
     """
 
     def __init__(self, st: Rank, rows: np.ndarray) -> None:
-        self.momentum = st.engine.state()["momentum"]
-        self.index = torch.as_tensor(rows, dtype=torch.int64, device=self.momentum.device)
-        keep = st.cfg.momentum > 0 and len(rows) > 0
-        self.saved = self.momentum.index_select(0, self.index) if keep else None
+        self.state = st.engine.state()
+        self.index = torch.as_tensor(rows, dtype=torch.int64, device=self.state["momentum"].device)
+        keep = {"momentum": st.cfg.momentum > 0, "control": True}
+        self.saved = {name: t.index_select(0, self.index) for name, t in self.state.items()
+                      if keep.get(name, True) and len(rows) > 0}
 
     def restore(self) -> None:
-        if self.saved is not None:
-            self.momentum.index_copy_(0, self.index, self.saved)
+        for name, saved in self.saved.items():
+            self.state[name].index_copy_(0, self.index, saved)
+
+
+def extra_values(st: Rank) -> int:
+    """Values the Allreduce carries after the model update: SCAFFOLD's control deltas (P), FedNova's
+    weighted step count (1), else none."""
+    return {"scaffold": st.main.numel(), "fednova": 1}.get(st.cfg.algorithm, 0)
 
 
 def sync(device: torch.device) -> float:
@@ -88,7 +97,7 @@ def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> 
             faults.maybe_inject(st.comm.rank, rnd, "training")
             update, local_acc, dropped, t_train = train_local(st, rnd, rows, tick)
     except Interrupted:
-        return UpdateSum(st.main), None, 0, 0.0, True
+        return UpdateSum(st.main, extra_values(st)), None, 0, 0.0, True
     return update, local_acc, dropped, t_train, False
 
 
@@ -96,7 +105,7 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
                 tick: Optional[Callable[[], None]] = None) -> tuple[UpdateSum, np.ndarray, int, float]:
     """Train this rank's selected nodes (local indices `rows`); returns their summed update,
     local-model accuracies (NaN for nodes that sat the round out), dropped count, seconds."""
-    update, local_acc, dropped = UpdateSum(st.main), np.full(len(st.samples), np.nan), 0
+    update, local_acc, dropped = UpdateSum(st.main, extra_values(st)), np.full(len(st.samples), np.nan), 0
     lx, ly, loffsets = st.local_test
     chunks, t_train = st.engine.train(st.main, rnd, rows, tick), 0.0
     while True:
@@ -117,17 +126,23 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
         finite_host = finite.cpu().numpy()
         local_acc[ks[~finite_host]] = np.nan  # a dropped node has no local model to score
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
-        update.add(chunk.params[finite], st.weights[ks[finite_host]])
+        weights, tally = st.weights[ks[finite_host]], None
+        extra = None if chunk.control_delta is None else chunk.control_delta[finite]
+        if st.cfg.algorithm == "fednova":
+            weights, tally, extra = fednova_rows(weights, st.samples[ks[finite_host]], st.cfg.local_epochs,
+                                                 st.cfg.batch_size)
+        update.add(chunk.params[finite], weights, extra, tally)
         progress(st, ks[-1] + 1)
 
 
 def drop_diverged(st: Rank, nodes: list[int], finite: np.ndarray, rnd: int) -> int:
-    """Nodes with NaN/Inf parameters get weight zero this round and a fresh momentum buffer."""
+    """Nodes with NaN/Inf parameters get weight zero this round and fresh per-node state (momentum, c_i)."""
     for node, ok in zip(nodes, finite):
         if not ok:
             print(f"fedmpi: node {node} (rank {st.comm.rank}) diverged (NaN/Inf) in round {rnd}; "
                   f"left out of the average", file=sys.stderr, flush=True)
-            st.engine.state()["momentum"][node - st.first].zero_()
+            for state in st.engine.state().values():
+                state[node - st.first].zero_()
     return int((~finite).sum())
 
 
@@ -176,7 +191,7 @@ def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, 
     dropped total, agreed stop, abandoned."""
     cfg, comm = st.cfg, st.comm
     most_nodes = len(node_ranges(cfg.nodes, comm.size)[0])  # rank 0 holds the largest block
-    wire = Wire(cfg.update_dtype, comm.size, comm.rank, most_nodes)
+    wire = Wire(cfg.update_dtype, comm.size, comm.rank, most_nodes, extra_values(st))
     buf = update.pack(dropped, vote, wire, float(st.all_weights[selected].sum()))
     timing = comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
     _, dropped_total, stop_all = trailer(buf, wire)
@@ -186,7 +201,12 @@ def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, 
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
     if dropped_total < len(selected):
-        st.main = st.server.step(st.main, *summed_update(buf, wire))
+        update_sum, scale = summed_update(buf, wire)
+        if cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
+            scale = fednova_scale(trailer(buf, wire)[0], float(extra_sum(buf, wire)[0]))
+        st.main = st.server.step(st.main, update_sum, scale)
+        if cfg.algorithm == "scaffold":  # SCAFFOLD: c += (|S| / N) * the mean control delta
+            scaffold_server_control(st.engine.server_control, extra_sum(buf, wire), cfg.nodes)
     elif comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node: nothing to average
         print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "
               f"optimizer stay as they were", file=sys.stderr, flush=True)
@@ -292,8 +312,8 @@ def run_rounds(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], board: 
 
 def save_checkpoint(st: Rank, run_dir: Path, rnd: int) -> None:
     watchdog.stage("writing the checkpoint", rnd)
-    checkpoint.save(run_dir, st.comm, st.cfg, rnd, st.main, st.server.state(), st.engine.state()["momentum"],
-                    st.first, st.rows)
+    checkpoint.save(run_dir, st.comm, st.cfg, rnd, st.main, st.server.state(), st.engine.state(),
+                    st.first, st.rows, getattr(st.engine, "server_control", None))
 
 
 def stop_job(st: Rank, run_dir: Path, stop: StopFlag, done: int, complete: bool) -> int:

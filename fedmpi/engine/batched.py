@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..fl.algorithms import scaffold_correction, scaffold_node_controls
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
-from .sequential import Chunk, compute_dtype
+from .sequential import Chunk, compute_dtype, node_state, scaffold_state
 from .vmap import VmapKernel
 
 # CPU working-set budget for one chunk (params + momentum + grads + activations). About the
@@ -89,6 +90,7 @@ class BatchedEngine:
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
         self.momentum = torch.zeros(nodes, size, device=x.device, dtype=x.dtype)
+        self.control, self.server_control = scaffold_state(cfg, nodes, size, x.device)
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
@@ -120,14 +122,21 @@ class BatchedEngine:
         # A contiguous block trains in place; a sampled subset is gathered and written back.
         block = part[-1] - part[0] + 1 == len(part)
         mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
-        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick)
+        where = torch.from_numpy(part).to(self.x.device)
+        corr = None if self.control is None else scaffold_correction(self.server_control, self.control[where])
+        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick, corr)
         if not block:
             self.momentum[torch.from_numpy(part)] = mom
-        return Chunk(ids, params)
+        delta = None
+        if self.control is not None:
+            new, delta = scaffold_node_controls(self.control[where], self.server_control, main, params,
+                                                plan.active.sum(0), cfg.lr)
+            self.control[where] = new
+        return Chunk(ids, params, delta)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Per-node momentum [nodes, P], in node order (as SequentialEngine.state)."""
-        return {"momentum": self.momentum}
+        """Per-node state [nodes, P] in node order (as SequentialEngine.state)."""
+        return node_state(self)
 
 
 def split_rows(rows: np.ndarray, chunk: int, workers: int = 1) -> list[np.ndarray]:

@@ -45,13 +45,15 @@ class MLPKernel:
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0,
-            tick: Optional[Callable[[], None]] = None) -> torch.Tensor:
+            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
-        `tick()` runs before each step (progress, and a stop signal raising out of the chunk)."""
+        `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
+        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient."""
         K = mom.shape[0]
         params = self._split(main.expand(K, -1))
         bufs = self._split(mom)
         anchor = self._split(main[None]) if mu else None
+        corr = self._split(corr.to(mom.dtype)) if corr is not None else None
         xs = x.reshape(len(x), -1)
         for s in range(plan.idx.shape[0]):
             if tick is not None:
@@ -60,6 +62,8 @@ class MLPKernel:
             self._step(params, bufs, xs, y, plan.idx[s], plan.weight[s], scale, m)
             if mu:
                 self._proximal(params, bufs, anchor, scale, mu)
+            if corr is not None:
+                self._correct(bufs, corr, scale)
             self._update(params, bufs, scale, lr)
         mom.copy_(self._join(bufs))
         return self._join(params)
@@ -117,6 +121,15 @@ class MLPKernel:
         else:
             for p, b in zip(params, bufs):
                 p.addcmul_(b, scale.view(-1, *[1] * (b.dim() - 1)), value=-lr)
+
+    @staticmethod
+    def _correct(bufs, corr, scale) -> None:
+        """SCAFFOLD: buf += c - c_i for the nodes that take this step (after the decay: a gradient term)."""
+        if scale is None:
+            torch._foreach_add_(bufs, corr)
+        else:
+            for b, c in zip(bufs, corr):
+                b.addcmul_(c, scale.view(-1, *[1] * (c.dim() - 1)))
 
     @staticmethod
     def _proximal(params, bufs, anchor, scale, mu: float) -> None:

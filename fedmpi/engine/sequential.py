@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fl.algorithms import scaffold_correction, scaffold_node_controls
 from .losses import Loss, loss_function
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
@@ -39,7 +40,7 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
                epochs: int, batch_size: int, lr: float, momentum: float, gen: torch.Generator,
                prox_mu: float = 0.0, anchor: Optional[list[torch.Tensor]] = None,
                dtype: Optional[torch.dtype] = None, tick: Optional[Callable[[], None]] = None,
-               loss_fn: Optional[Loss] = None) -> None:
+               loss_fn: Optional[Loss] = None, correction: Optional[list[torch.Tensor]] = None) -> None:
     """Train `model` in place for `epochs` over (x, y) with a fresh shuffle each epoch.
 
     The last batch of an epoch may be short, as with a DataLoader's default drop_last=False.
@@ -47,6 +48,7 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
     dtype bfloat16: the forward and its backward run under torch.autocast (mixed precision).
     `tick()` runs before each step (progress, and a stop signal raising out of training).
     `loss_fn`: a per-sample loss (engine/losses.py) averaged over the batch; None: cross-entropy.
+    `correction` (SCAFFOLD's c - c_i, shaped like params) is added to every step's gradient.
     """
     params = list(model.parameters())
     n = len(y)
@@ -65,6 +67,8 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
             grads = list(torch.autograd.grad(loss, params))
             if prox_mu:
                 add_proximal_(grads, params, anchor, prox_mu)
+            if correction is not None:
+                torch._foreach_add_(grads, correction)
             with torch.no_grad():
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, grads)
@@ -86,6 +90,7 @@ class Chunk:
 
     nodes: list[int]
     params: torch.Tensor
+    control_delta: Optional[torch.Tensor] = None  # SCAFFOLD: c_i+ - c_i [k, P]
 
 
 class SequentialEngine:
@@ -100,6 +105,7 @@ class SequentialEngine:
         # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
         self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
         self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
+        self.control, self.server_control = scaffold_state(cfg, len(offsets) - 1, size, x.device)
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
               tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
@@ -111,12 +117,37 @@ class SequentialEngine:
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
             load_flat(self.params, main)
+            corr = None
+            if self.control is not None:
+                corr = views(scaffold_correction(self.server_control, self.control[k:k + 1])[0], self.params)
             with node_random(self.x.device, cfg.seed, node, rnd):
                 sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
                            cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                            batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
-                           self.loss)
-            yield Chunk([node], flatten(self.params)[None])
+                           self.loss, corr)
+            params = flatten(self.params)[None]
+            delta = None
+            if self.control is not None:
+                steps = torch.tensor([cfg.local_epochs * -(-(b - a) // cfg.batch_size)], device=params.device)
+                self.control[k:k + 1], delta = scaffold_node_controls(self.control[k:k + 1], self.server_control,
+                                                                      main, params, steps, cfg.lr)
+            yield Chunk([node], params, delta)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"momentum": self.momentum}
+        """Per-node state [nodes, P]: momentum, and SCAFFOLD's control variates when on."""
+        return node_state(self)
+
+
+def scaffold_state(cfg, nodes: int, size: int, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(c_i [nodes, P], c [P]), zero, for `algorithm: scaffold`; else (None, None)."""
+    if getattr(cfg, "algorithm", "fedavg") != "scaffold":
+        return None, None
+    return torch.zeros(nodes, size, device=device), torch.zeros(size, device=device)
+
+
+def node_state(engine) -> dict[str, torch.Tensor]:
+    """An engine's per-node tensors by name, in node order."""
+    state = {"momentum": engine.momentum}
+    if engine.control is not None:
+        state["control"] = engine.control
+    return state

@@ -45,9 +45,10 @@ class VmapKernel:
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0,
-            tick: Optional[Callable[[], None]] = None) -> torch.Tensor:
+            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
-        `tick()` runs before each step (progress, and a stop signal raising out of the chunk)."""
+        `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
+        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient."""
         K, grads = mom.shape[0], self._grads()
         flat = main.expand(K, -1).clone()
         params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
@@ -61,6 +62,8 @@ class VmapKernel:
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
             if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
                 g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))
+            if corr is not None:  # masked like FedProx's term: a node sitting the step out gets none
+                g.add_(corr if plan.full[s] else corr * plan.active[s].unsqueeze(1))
             if plan.full[s]:
                 mom.mul_(m).add_(g)
                 flat.add_(mom, alpha=-lr)

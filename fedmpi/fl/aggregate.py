@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ class Wire:
     ranks: int = 1
     rank: int = 0
     most_nodes: int = 1
+    extra: int = 0  # values between the update and the trailer (SCAFFOLD: the control-variate deltas, fp32 only)
 
     @property
     def code(self) -> CountCode:
@@ -72,19 +74,26 @@ class UpdateSum:
     bit.
     """
 
-    def __init__(self, main: torch.Tensor) -> None:
+    def __init__(self, main: torch.Tensor, extra: int = 0) -> None:
         self.main = main
         size, on_gpu = main.numel(), main.device.type == "cuda"
-        self.payload = torch.zeros(size + TRAILER, dtype=torch.float32, pin_memory=on_gpu)
+        self.payload = torch.zeros(size + extra + TRAILER, dtype=torch.float32, pin_memory=on_gpu)
         self.total = torch.zeros(size, dtype=torch.float32, device=main.device) if on_gpu else self.payload[:size]
+        # Unweighted sum of extra rows (SCAFFOLD's control deltas), after the update in the same payload.
+        self.extra = (torch.zeros(extra, dtype=torch.float32, device=main.device) if on_gpu
+                      else self.payload[size:size + extra])
         self.weight = 0.0
 
-    def add(self, params: torch.Tensor, weights: np.ndarray) -> None:
-        """Add rows params[j] with weights[j] (params: [k, P])."""
+    def add(self, params: torch.Tensor, weights: np.ndarray, extra_rows: Optional[torch.Tensor] = None,
+            tally: Optional[np.ndarray] = None) -> None:
+        """Add rows params[j] with weights[j] (params: [k, P]), and the rows of `extra_rows` unweighted;
+        the trailer's weight counts `tally` (default: `weights`; FedNova weights its updates otherwise)."""
         if len(weights):
             w = torch.as_tensor(weights, dtype=torch.float32, device=params.device)
             self.total.addmv_((params.float() - self.main.float()).t(), w)
-            self.weight += float(np.sum(weights))
+            self.weight += float(np.sum(weights if tally is None else tally))
+        if extra_rows is not None and len(extra_rows):
+            self.extra.add_(extra_rows.float().sum(0).to(self.extra.device))
 
     def pack(self, dropped: int = 0, stop: float = 0.0, wire: Wire = FP32, round_weight: float = 1.0) -> np.ndarray:
         """The collective's payload: the updates, then the trailer (`Wire.tail` values).
@@ -98,9 +107,12 @@ class UpdateSum:
         if wire.dtype == "fp32":
             if self.total.data_ptr() != self.payload.data_ptr():
                 self.payload[:size].copy_(self.total)
+                self.payload[size:size + len(self.extra)].copy_(self.extra)
             buf = self.payload.numpy()
-            buf[size:] = (self.weight, dropped, float(stop))
+            buf[size + len(self.extra):] = (self.weight, dropped, float(stop))
             return buf
+        if len(self.extra):
+            raise ValueError("extra values travel only in fp32")
         count = encode_count(dropped, wire.rank, wire.code)
         tail = torch.from_numpy(np.concatenate([[self.weight / round_weight], count, [float(stop)]]))
         return encode(torch.cat([self.total.double() / round_weight, tail.to(self.total.device)]), wire.dtype)
@@ -136,10 +148,16 @@ def summed_update(reduced: np.ndarray, wire: Wire = FP32) -> tuple[torch.Tensor,
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
     if wire.dtype == "fp32":
-        return torch.from_numpy(reduced[:-TRAILER]), 1.0 / weight
+        return torch.from_numpy(reduced[:len(reduced) - TRAILER - wire.extra]), 1.0 / weight
     # Pre-divided by the whole round's weight: rescale only when dropped nodes left a share out,
     # since the half-precision share itself carries rounding error.
     return decode(reduced[:-wire.tail], wire.dtype), (1.0 / weight if dropped else 1.0)
+
+
+def extra_sum(reduced: np.ndarray, wire: Wire) -> torch.Tensor:
+    """The all-reduced extra values (a view): fp32 [update | extra | trailer]."""
+    end = len(reduced) - TRAILER
+    return torch.from_numpy(reduced[end - wire.extra:end])
 
 
 def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:

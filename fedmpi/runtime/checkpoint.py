@@ -2,8 +2,10 @@
 
 RUN_DIR/checkpoint/ holds
   meta.json           round, config hash, metrics rows so far, the file list
-  main.pt             the main model (flat float32) and the server optimizer's state (float64)
-  nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]), one file per writing rank
+  main.pt             the main model (flat float32), the server optimizer's state (float64) and,
+                      with algorithm scaffold, the server's control variate c ('control', float32)
+  nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]) and, with scaffold, their control
+                      variates c_i ('control'), one file per writing rank
 
 Every node's randomness is derived from (seed, node, round), so no RNG state needs saving.
 A new checkpoint is built in checkpoint.tmp/ (each file fsynced) and swapped in by renames; until the
@@ -69,15 +71,22 @@ def tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: torch.Tensor,
-         first: int, rows: Optional[list]) -> None:
-    """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in."""
+def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: Any,
+         first: int, rows: Optional[list], control: Optional[torch.Tensor] = None) -> None:
+    """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in.
+
+    `momentum`: the nodes' momentum [nodes, P], or a dict of per-node tensors with it (the engine's
+    state()); `control`: SCAFFOLD's server control variate c, kept in main.pt."""
+    nodes = momentum if isinstance(momentum, dict) else {"momentum": momentum}
     tmp = run_dir / "checkpoint.tmp"
-    name = f"nodes-{first}-{first + len(momentum)}.pt"
+    name = f"nodes-{first}-{first + len(nodes['momentum'])}.pt"
     try:
         on_rank0(comm, lambda: _fresh_dir(tmp))
-        names = on_every_rank(comm, lambda: _write(tmp / name, {"first": first, "momentum": momentum.cpu()}))
+        block = {"first": first, **{k: v.cpu() for k, v in nodes.items()}}
+        names = on_every_rank(comm, lambda: _write(tmp / name, block))
         state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
+        if control is not None:
+            state["control"] = control.cpu()
         meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows}
         on_rank0(comm, lambda: _swap_in(run_dir, tmp, state, meta))
     except FedmpiError:
@@ -247,12 +256,14 @@ def check_rows(rows: Any, rnd: int, bad) -> None:
 
 # --- reading: tensors --------------------------------------------------------------------------------
 
-def load_main(folder: Path, like: torch.Tensor, state_names: tuple[str, ...]) -> tuple[torch.Tensor, dict]:
-    """main.pt: the main model (shaped and typed like `like`) and the server state (`state_names`, float64)."""
+def load_main(folder: Path, like: torch.Tensor, state_names: tuple[str, ...],
+              control: bool = False) -> tuple[torch.Tensor, dict]:
+    """main.pt: the main model (shaped and typed like `like`) and the server state (`state_names`, float64);
+    with `control` (SCAFFOLD) the server's control variate too, in the returned dict as 'control'."""
     import torch
 
     path, size = folder / "main.pt", like.numel()
-    limit = size * (like.element_size() + 8 * len(state_names)) + TORCH_SLACK
+    limit = size * (like.element_size() * (1 + control) + 8 * len(state_names)) + TORCH_SLACK
     state = _load(path, limit)
     if not isinstance(state, dict) or "main" not in state or "server" not in state:
         raise CheckpointError(f"checkpoint file {path} is corrupt: not a dict with 'main' and 'server'")
@@ -264,11 +275,18 @@ def load_main(folder: Path, like: torch.Tensor, state_names: tuple[str, ...]) ->
                               f"run's server_opt, got {short(got)}")
     for key, value in server.items():
         _check_tensor(value, (size,), torch.float64, f"checkpoint file {path}: 'server' {key!r}")
+    if control:
+        if "control" not in state:
+            raise CheckpointError(f"checkpoint file {path} lacks 'control', the server control variate of scaffold")
+        server = {**server, "control": _check_tensor(state["control"], (size,), like.dtype,
+                                                     f"checkpoint file {path}: 'control'")}
     return main, server
 
 
-def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.Tensor) -> torch.Tensor:
-    """Momentum of nodes first..stop-1 (typed like `like`, [*, P]), from whichever rank files hold them."""
+def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.Tensor, key: str = "momentum",
+                  tensors: int = 1) -> torch.Tensor:
+    """Per-node state `key` (momentum, or scaffold's control) of nodes first..stop-1 (typed like `like`,
+    [*, P]), from whichever rank files hold them; each file holds `tensors` such tensors."""
     import torch
 
     size = like.shape[1]
@@ -279,11 +297,11 @@ def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.T
         if b <= first or a >= stop:
             continue
         path = folder / name
-        block = _load(path, (b - a) * size * like.element_size() + TORCH_SLACK)
+        block = _load(path, tensors * (b - a) * size * like.element_size() + TORCH_SLACK)
         if not isinstance(block, dict) or type(block.get("first")) is not int or block["first"] != a \
-                or "momentum" not in block:
-            raise CheckpointError(f"checkpoint file {path} is corrupt: not a dict with 'first': {a} and 'momentum'")
-        block = _check_tensor(block["momentum"], (b - a, size), like.dtype, f"checkpoint file {path}: 'momentum'")
+                or key not in block:
+            raise CheckpointError(f"checkpoint file {path} is corrupt: not a dict with 'first': {a} and {key!r}")
+        block = _check_tensor(block[key], (b - a, size), like.dtype, f"checkpoint file {path}: {key!r}")
         lo, hi = max(a, first), min(b, stop)
         out[lo - first:hi - first] = block[lo - a:hi - a]
         filled[lo - first:hi - first] = True

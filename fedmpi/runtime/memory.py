@@ -83,6 +83,7 @@ class Work:
     workers: int       # chunks in training at once (the batched engine's CPU threads, else 1)
     batch_size: int
     local_epochs: int
+    control: bool = False  # SCAFFOLD: control variates per node and on the server, a second half of the payload
 
 
 def chunk_bytes(rows: RankRows, w: Work) -> int:
@@ -92,7 +93,9 @@ def chunk_bytes(rows: RankRows, w: Work) -> int:
     training = w.chunk * (4 * w.params * FLOAT + w.batch_size * w.activations)
     plan = w.chunk * w.local_epochs * per_epoch * PLAN_SLOT
     scoring = w.chunk * rows.max_local * (w.pixels * FLOAT + w.activations // 2)
-    return training + plan + scoring
+    # SCAFFOLD: each node's correction c - c_i, its per-layer copy, and its new c_i
+    control = 3 * w.chunk * w.params * FLOAT if w.control else 0
+    return training + plan + scoring + control
 
 
 def row_bytes(pixels: int, gpu: bool) -> tuple[int, int]:
@@ -107,7 +110,14 @@ def rank_parts(rows: RankRows, w: Work, gpu: bool) -> dict[str, int]:
     row = row_bytes(w.pixels, gpu)[0]
     return {"training rows": rows.train * row, "local test rows": rows.local * row, "test set": rows.test * row,
             "momentum": rows.nodes * w.params * FLOAT, "chunk working set": w.workers * chunk_bytes(rows, w),
-            "centralized baseline": rows.central * row + (4 * w.params * FLOAT if rows.central else 0)}
+            "centralized baseline": rows.central * row + (4 * w.params * FLOAT if rows.central else 0),
+            **control_parts(rows, w)}
+
+
+def control_parts(rows: RankRows, w: Work) -> dict[str, int]:
+    """SCAFFOLD's lasting state: c_i of every node here, the server's c, and the payload's second half
+    (the control deltas) with their running sum."""
+    return {"control variates": (rows.nodes + 3) * w.params * FLOAT} if w.control else {}
 
 
 def peak(parts: dict[str, int]) -> int:

@@ -51,6 +51,9 @@ SET_CASES = [  # --set VALUE, what the one line must say
     ("shards_per_node=1e6", "config key 'shards_per_node' must be in [1, 1000]"),
     ("max_dropped_fraction=1.5", "config key 'max_dropped_fraction' must be in [0.0, 1.0]"),
     ("model=resnet", "config key 'model' must be 2nn, cnn or an import path"),
+    ("algorithm=scafold", "config key 'algorithm' must be one of fedavg, scaffold, fednova; got 'scafold'"),
+    ("algorithm=fednova", "config key 'algorithm': fednova takes plain local SGD with fp32 updates; 'momentum' is 0.9"),
+    ("algorithm=" + "s" * 4000, "config key 'algorithm' must be one of"),
     ("dataset=imagenet", "config key 'dataset' must be one of"),
     ("data_dir=" + "x" * 5000, "--set 'data_dir': the value has 5,000 characters, at most 4096"),
     ("learning_rate=0.1", "unknown config key 'learning_rate' (from --set)"),
@@ -120,6 +123,12 @@ def base(tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("value,expect", SET_CASES, ids=[v[:30] for v, _ in SET_CASES])
 def test_a_hostile_set_value_is_one_line_naming_the_key(tmp_path, ranks, value, expect):
     refused(base(tmp_path) + [value, "--out", "out"], ranks, tmp_path, expect)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_scaffold_with_compressed_updates_is_refused_naming_both_keys(tmp_path, ranks):
+    refused(base(tmp_path) + ["algorithm=scaffold", "update_dtype=bf16", "--out", "out"], ranks, tmp_path,
+            "config key 'algorithm': scaffold sends its control variates in fp32 only; set update_dtype: fp32")
 
 
 @pytest.mark.parametrize("ranks", RANKS)

@@ -149,3 +149,13 @@ def test_prepare_refuses_what_cannot_fit_with_the_estimate(monkeypatch):
         "samples_per_node")
     monkeypatch.setattr(memory, "host_available", lambda: None)
     memory.check_prepare("synthetic", 100, 1000, 0)  # unknown: not refused
+
+
+def test_scaffold_adds_its_control_variates_by_hand():
+    work = Work(pixels=784, params=199210, activations=1000, chunk=16, workers=2, batch_size=32, local_epochs=10,
+                control=True)
+    parts = memory.rank_parts(ROWS, work, gpu=False)
+    assert parts["control variates"] == (50 + 3) * 199210 * 4  # c_i of 50 nodes, c, the deltas and their sum
+    assert parts["chunk working set"] == 2 * (58_358_400 + 3 * 16 * 199210 * 4)
+    # the larger chunks (193,213,440 B) now outweigh the baseline (179,947,360 B) in the peak
+    assert memory.peak(parts) == 88_380_000 + 17_676_000 + 39_280_000 + 39_842_000 + 42_232_520 + 193_213_440

@@ -1,0 +1,63 @@
+"""Update rules of the algorithms for non-IID data, pure torch: no MPI here, tested on hand-computed arrays.
+
+SCAFFOLD (Karimireddy et al. 2020, option II): each node i keeps a control variate c_i, the server
+keeps c. Every local step follows the gradient corrected by (c - c_i); after training,
+c_i+ = c_i - c + (x - y_i) / (steps_i * lr) and the node sends delta_i = c_i+ - c_i beside its
+model update; the server sets c += (1 / N) * sum_{i in S} delta_i, i.e. (|S| / N) times the mean delta.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def scaffold_correction(server_c: torch.Tensor, node_c: torch.Tensor) -> torch.Tensor:
+    """The term each local gradient gets: c - c_i ([K, P] from c [P] and c_i [K, P])."""
+    return server_c.unsqueeze(0) - node_c
+
+
+def scaffold_node_controls(node_c: torch.Tensor, server_c: torch.Tensor, main: torch.Tensor,
+                           trained: torch.Tensor, steps: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_i+, delta_i = c_i+ - c_i) for K nodes: c_i+ = c_i - c + (x - y_i) / (steps_i lr).
+
+    node_c, trained: [K, P]; server_c, main: [P]; steps: [K] local steps taken. A node that took
+    no step (no data) keeps its c_i and sends a zero delta.
+    """
+    took = steps > 0
+    inv = torch.where(took, 1.0 / (steps.clamp(min=1).to(torch.float64) * lr), 0.0).to(node_c.dtype)
+    delta = (main.unsqueeze(0) - trained.to(node_c.dtype)) * inv.unsqueeze(1) - server_c.unsqueeze(0)
+    delta = torch.where(took.unsqueeze(1), delta, torch.zeros_like(delta))
+    return node_c + delta, delta
+
+
+def scaffold_server_control(server_c: torch.Tensor, delta_sum: torch.Tensor, nodes: int) -> torch.Tensor:
+    """c += (1 / N) sum of the round's deltas, in place (N: all nodes, not only the selected ones); returns c."""
+    return server_c.add_(delta_sum.to(server_c.device, server_c.dtype), alpha=1.0 / nodes)
+
+
+# FedNova (Wang et al. 2020), plain local SGD: node i takes tau_i steps and sends its update divided by
+# tau_i; the server moves by tau_eff = sum_i p_i tau_i times the weighted mean of those normalized
+# updates, so a node that took more steps no longer pulls the average its way (quantity skew).
+
+def local_steps(samples, epochs: int, batch_size: int):
+    """tau_i: the steps a node takes in one round (`epochs` passes of ceil(n_i / B) batches)."""
+    return epochs * -(-np.asarray(samples, dtype=np.int64) // batch_size)
+
+
+def fednova_row_weights(weights, steps):
+    """(weights of the normalized updates w_i / tau_i, the tally w_i tau_i); a node without steps sends nothing."""
+    weights, steps = np.asarray(weights, dtype=np.float64), np.asarray(steps, dtype=np.float64)
+    took = steps > 0
+    return np.where(took, weights / np.maximum(steps, 1), 0.0), weights * steps
+
+
+def fednova_rows(weights, samples, epochs: int, batch_size: int) -> tuple:
+    """A chunk's part of the FedNova buffer: (update weights w_i / tau_i, trailer weights w_i, the one
+    extra value sum w_i tau_i as a [1, 1] tensor)."""
+    rows, tally = fednova_row_weights(weights, local_steps(samples, epochs, batch_size))
+    return rows, weights, torch.tensor([[float(tally.sum())]])
+
+
+def fednova_scale(total_weight: float, weighted_steps: float) -> float:
+    """The factor on the all-reduced sum of w_i (y_i - x) / tau_i: tau_eff / W = (sum w_i tau_i) / W^2."""
+    return weighted_steps / (total_weight * total_weight)
