@@ -77,30 +77,40 @@ def cmd_prepare(cfg, args, comm) -> None:
 def cmd_run(cfg, args, comm) -> None:
     from .data.partition import node_ranges
     from .data.prepare import check_matches, check_preparable, prepare
-    from .runtime.agree import on_rank0
+    from .data.validate import RUN_LABELS, check_block_labels
+    from .runtime.agree import on_every_rank, on_rank0
     from .runtime.rundir import clear_previous, open_run_dir
 
     stem = Path(args.config).stem if args.config else "default"
     run_dir = Path(args.resume or args.out or f"runs/{stem}")
     resume = args.resume is not None
 
-    def check() -> Optional[tuple]:
-        """Cheap checks first (bad input fails in about a second, before torch is imported), then rank 0
-        locks and checks the run directory, then the shard file is made whole or refused, all before
-        the run directory holds anything but its lock."""
+    def check_data() -> bool:
+        """Cheap checks first (bad input fails in about a second, before torch is imported): the rank
+        count, then an existing shard file's structure and test labels (once, on rank 0), or whether
+        the one to be made can be; True when the file exists."""
         node_ranges(cfg.nodes, comm.size)
-        if cfg.data_path.exists():
-            check_matches(cfg, cfg.data_path)
+        exists = cfg.data_path.exists()
+        if exists:
+            check_matches(cfg, cfg.data_path, RUN_LABELS)
         else:  # the shard file is to be made: refuse what cannot be made before anything is written
             check_preparable(cfg)
+        return exists
+
+    def open_dir() -> Optional[tuple]:
+        """Rank 0 locks and checks the run directory, then the shard file is made, all before the run
+        directory holds anything but its lock."""
         resumed = open_run_dir(run_dir, cfg, resume, args.overwrite)
-        prepare(cfg)
+        if not cfg.data_path.exists():
+            prepare(cfg)
         if not resume:
             clear_previous(run_dir)
         return resumed
 
+    if comm.bcast(on_rank0(comm, check_data)):  # each rank its own nodes' labels: nobody reads all of them
+        on_every_rank(comm, lambda: check_block_labels(cfg.data_path, comm.size, comm.rank))
     # The other ranks learn rank 0's verdict and its checkpoint.
-    resumed = shared_checkpoint(comm, on_rank0(comm, check))
+    resumed = shared_checkpoint(comm, on_rank0(comm, open_dir))
     from .run import run
 
     code = run(cfg, run_dir, comm, resumed)

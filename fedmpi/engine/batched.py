@@ -20,6 +20,7 @@ from torch import nn
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
 from .sequential import Chunk, compute_dtype
+from .state import make_state
 from .vmap import VmapKernel
 
 # CPU working-set budget for one chunk (params + momentum + grads + activations). About the
@@ -76,7 +77,8 @@ class BatchedEngine:
         self.offsets, self.first_node = offsets, first_node
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
-        self.momentum = torch.zeros(nodes, size, device=x.device, dtype=x.dtype)
+        self.store = make_state(cfg, nodes, size, x.device, x.dtype)
+        self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
         layers = mlp_layers(model)
         dtype = compute_dtype(cfg)
         self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype)
@@ -106,15 +108,18 @@ class BatchedEngine:
         plan = make_plan(self.offsets, part, self.first_node, cfg, rnd, self.x.device, self.x.dtype)
         # A contiguous block trains in place; a sampled subset is gathered and written back.
         block = part[-1] - part[0] + 1 == len(part)
-        mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
+        if self.momentum is None:
+            mom = torch.zeros(len(part), main.numel(), device=self.x.device, dtype=main.dtype)
+        else:
+            mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
         params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick)
-        if not block:
+        if not block and self.momentum is not None:
             self.momentum[torch.from_numpy(part)] = mom
         return Chunk(ids, params)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Per-node momentum [nodes, P], in node order (as SequentialEngine.state)."""
-        return {"momentum": self.momentum}
+        """Per-node state kept across rounds ({"momentum": [nodes, P]} or {}), in node order."""
+        return self.store.as_dict()
 
 
 def split_rows(rows: np.ndarray, chunk: int, workers: int = 1) -> list[np.ndarray]:

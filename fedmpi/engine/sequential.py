@@ -16,6 +16,7 @@ from torch import nn
 
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
+from .state import make_state
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
 
@@ -80,8 +81,11 @@ class SequentialEngine:
         self.offsets, self.first_node = offsets, first_node
         self.params = list(model.parameters())
         size = sum(p.numel() for p in self.params)
-        # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
-        self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
+        # local_state keep: each node keeps its momentum across rounds, as with one optimizer per node
+        # in the tutorial; stateless, one zero buffer is reused by every node (a fresh optimizer each round).
+        self.store = make_state(cfg, len(offsets) - 1, size, x.device)
+        self.momentum = self.store.get("momentum")
+        self.fresh = None if self.momentum is not None else torch.zeros(size, device=x.device)
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
               tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
@@ -93,10 +97,14 @@ class SequentialEngine:
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
             load_flat(self.params, main)
-            sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
+            if self.fresh is not None:
+                self.fresh.zero_()
+            buf = self.fresh if self.momentum is None else self.momentum[k]
+            sgd_epochs(self.model, views(buf, self.params), self.x[a:b], self.y[a:b],
                        cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
                        cfg.prox_mu, anchor, compute_dtype(cfg), tick)
             yield Chunk([node], flatten(self.params)[None])
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"momentum": self.momentum}
+        """Per-node state kept across rounds ({"momentum": [nodes, P]} or {})."""
+        return self.store.as_dict()

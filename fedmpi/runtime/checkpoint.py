@@ -3,7 +3,8 @@
 RUN_DIR/checkpoint/ holds
   meta.json           round, config hash, metrics rows so far, the file list
   main.pt             the main model (flat float32) and the server optimizer's state (float64)
-  nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]), one file per writing rank
+  nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]), one file per writing rank; none when the run
+                      keeps no per-node state (local_state reset, or momentum 0)
 
 Every node's randomness is derived from (seed, node, round), so no RNG state needs saving.
 A new checkpoint is built in checkpoint.tmp/ (each file fsynced) and swapped in by renames; until the
@@ -25,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config import Config
+from ..config import Config, node_state_names
 from ..errors import FedmpiError, OutputError
 from ..output.metrics import fsync_dir, write_atomic
 from .agree import on_every_rank, on_rank0
@@ -34,8 +35,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is c
     import torch
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
-FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir", "tensorboard",
-             "stall_timeout_s")
+FREE_KEYS = ("rounds", "eval_every", "node_metrics_every", "device", "threads", "engine", "checkpoint_every",
+             "data_dir", "tensorboard", "stall_timeout_s")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
 META_KEYS = ("round", "identity", "node_files", "metrics")
 META_MAX_BYTES = 64 << 20  # about 90,000 rounds of metrics rows
@@ -69,14 +70,17 @@ def tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: torch.Tensor,
-         first: int, rows: Optional[list]) -> None:
-    """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in."""
+def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict,
+         node_state: dict[str, torch.Tensor], first: int, stop: int, rows: Optional[list]) -> None:
+    """Collective: every rank writes its nodes' state (when the run keeps any), rank 0 the rest, then
+    rank 0 swaps it in."""
     tmp = run_dir / "checkpoint.tmp"
-    name = f"nodes-{first}-{first + len(momentum)}.pt"
+    name = f"nodes-{first}-{stop}.pt"
     try:
         on_rank0(comm, lambda: _fresh_dir(tmp))
-        names = on_every_rank(comm, lambda: _write(tmp / name, {"first": first, "momentum": momentum.cpu()}))
+        block = {"first": first, **{k: v.cpu() for k, v in node_state.items()}}
+        names = on_every_rank(comm, lambda: _write(tmp / name, block) if node_state else None)
+        names = [n for n in names if n is not None]
         state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
         meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows}
         on_rank0(comm, lambda: _swap_in(run_dir, tmp, state, meta))
@@ -210,7 +214,10 @@ def check_meta(meta: Any, cfg: Config, path: Path) -> None:
     if rnd > cfg.rounds:
         raise CheckpointError(f"checkpoint {path.parent} holds {rnd} rounds, more than rounds={cfg.rounds}: "
                               f"resume with --set rounds={rnd} or more")
-    check_node_files(meta["node_files"], cfg.nodes, bad)
+    if node_state_names(cfg):
+        check_node_files(meta["node_files"], cfg.nodes, bad)
+    elif meta["node_files"] != []:
+        raise bad(f"'node_files' must be [] for a run that keeps no per-node state, got {short(meta['node_files'])}")
     check_rows(meta["metrics"], rnd, bad)
 
 
