@@ -163,15 +163,8 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     t_eval = sync(st.device) - t1
     # 5. record: rank 0 gathers every rank's timings and fixed-size score summaries; every node's
     #    scores only in a nodes.csv round.
-    part = dict(t_train=t_train, t_collective=timing.t_collective, nodes=len(st.samples), local=summary(local_acc),
-                main_on_local=None if main_on_local is None else summary(main_on_local))
-    if listed:
-        everyone = np.full(len(st.samples), np.nan)
-        everyone[rows] = local_acc
-        part["block"] = dict(first=st.first, rank=st.comm.rank, samples=st.samples, local_acc=everyone,
-                             main_on_local_acc=main_on_local)
     t2 = time.perf_counter()
-    per_rank = st.comm.gather(part)
+    per_rank = st.comm.gather(round_part(st, t_train, timing.t_collective, rows, local_acc, main_on_local, listed))
     if per_rank is None:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
@@ -179,6 +172,20 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
                nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
                bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, t_elapsed=time.perf_counter() - st.clock_zero)
     return RoundResult(row, [r["block"] for r in per_rank] if listed else None, stop_all)
+
+
+def round_part(st: Rank, t_train: float, t_collective: float, rows: np.ndarray, local_acc: np.ndarray,
+               main_on_local: Optional[np.ndarray], listed: bool) -> dict:
+    """What this rank sends rank 0 for the row: timings and fixed-size score summaries, and in a
+    nodes.csv round its block of every node's scores (NaN local_acc for a node that did not train)."""
+    part = dict(t_train=t_train, t_collective=t_collective, nodes=len(st.samples), local=summary(local_acc),
+                main_on_local=None if main_on_local is None else summary(main_on_local))
+    if listed:
+        everyone = np.full(len(st.samples), np.nan)
+        everyone[rows] = local_acc
+        part["block"] = dict(first=st.first, rank=st.comm.rank, samples=st.samples, local_acc=everyone,
+                             main_on_local_acc=main_on_local)
+    return part
 
 
 def evaluated_round(cfg: Config, rnd: int) -> bool:
