@@ -105,27 +105,38 @@ def start_run(cfg: Config, comm, run_dir: Path, resume: bool, overwrite: bool) -
     """The checks before any data is read, the run directory, the shard file, then the run; returns its exit code."""
     from .data.partition import node_ranges
     from .data.prepare import check_matches, check_preparable, prepare
+    from .data.validate import RUN_LABELS, check_block_labels
     from .engine.check import check_user_code
-    from .runtime.agree import on_rank0
+    from .runtime.agree import on_every_rank, on_rank0
     from .runtime.rundir import clear_previous, open_run_dir
 
-    def check() -> Optional[tuple]:
-        """Cheap checks first, then rank 0 locks and checks the run directory, then the shard file is
-        made whole or refused, all before the run directory holds anything but its lock."""
+    def check_data() -> bool:
+        """Cheap checks first (bad input fails in about a second, before torch is imported): the rank
+        count, then an existing shard file's structure and test labels (once, on rank 0), or whether
+        the one to be made can be; True when the file exists."""
         node_ranges(cfg.nodes, comm.size)
-        if cfg.data_path.exists():
-            check_matches(cfg, cfg.data_path)
+        exists = cfg.data_path.exists()
+        if exists:
+            check_matches(cfg, cfg.data_path, RUN_LABELS)
         else:  # the shard file is to be made: refuse what cannot be made before anything is written
             check_preparable(cfg)
+        return exists
+
+    def open_dir() -> Optional[tuple]:
+        """Rank 0 locks and checks the run directory, then the shard file is made, all before the run
+        directory holds anything but its lock."""
         resumed = open_run_dir(run_dir, cfg, resume, overwrite)
-        prepare(cfg)
+        if not cfg.data_path.exists():
+            prepare(cfg)
         if not resume:
             clear_previous(run_dir)
         return resumed
 
     with agreed(comm):  # an imported model or loss is tried on every rank before any data is read
         check_user_code(cfg)
-    resumed = shared_checkpoint(comm, on_rank0(comm, check))  # the other ranks learn rank 0's verdict
+    if comm.bcast(on_rank0(comm, check_data)):  # each rank its own nodes' labels: nobody reads all of them
+        on_every_rank(comm, lambda: check_block_labels(cfg.data_path, comm.size, comm.rank))
+    resumed = shared_checkpoint(comm, on_rank0(comm, open_dir))  # the other ranks learn rank 0's verdict
     from .run import run as run_rounds
 
     return run_rounds(cfg, run_dir, comm, resumed)

@@ -40,9 +40,10 @@ SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
+LOCAL_STATES = ("keep", "reset")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
-           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS}
+           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
 # (Reddi et al. 2021 tune it near 10^-2 for Adam and Yogi on their image tasks).
@@ -63,6 +64,7 @@ BOUNDS: dict[str, tuple] = {
     "checkpoint_every": (0, 10**7, False, False),
     "stall_timeout_s": (0, 86400, False, False),
     "chunk_nodes": (0, 10**7, False, False),
+    "node_metrics_every": (0, 10**7, False, False),
     "shards_per_node": (1, 1000, False, False),
     "lr": (0.0, 100.0, True, False),
     "momentum": (0.0, 1.0, False, True),
@@ -89,6 +91,7 @@ class Config:
     """Everything that defines a run; the resolved copy is saved as config.yaml in the run directory."""
 
     dataset: str = "mnist"
+    synthetic_shape: str = "1x28x28"  # synthetic: one image's shape, "CxHxW" (or a YAML list [1, 8, 8])
     data_dir: Optional[str] = None
     data_file: str = "data/{dataset}-{partition}-{nodes}x{samples_per_node}-seed{seed}.h5"
     nodes: int = 100
@@ -103,9 +106,11 @@ class Config:
     batch_size: int = 32
     lr: float = 0.01
     momentum: float = 0.9
+    local_state: str = "keep"     # keep: each node's momentum lives across rounds; reset: a fresh optimizer a round
     aggregation: str = "mean"
     central_epochs: int = 10
     eval_every: int = 1
+    node_metrics_every: int = 0   # rounds between nodes.csv rewrites; 0: at every evaluated round
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -133,6 +138,8 @@ class Config:
     tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
 
     def __post_init__(self) -> None:
+        if isinstance(self.synthetic_shape, (list, tuple)):  # YAML [1, 8, 8]: the same as "1x8x8"
+            object.__setattr__(self, "synthetic_shape", "x".join(str(v).strip() for v in self.synthetic_shape))
         for f in fields(self):
             object.__setattr__(self, f.name, coerce(f.name, f.type, getattr(self, f.name)))
         for name, choices in CHOICES.items():
@@ -148,12 +155,16 @@ class Config:
             _check_range(name, getattr(self, name), low, high, low_open, high_open)
         self._check_data_file()
         self._check_algorithm()
+        self._check_synthetic_shape()
 
     def _check_algorithm(self) -> None:
         """Combinations the algorithm cannot take."""
         if self.algorithm == "scaffold" and self.update_dtype != "fp32":
             raise ConfigError(f"config key 'algorithm': scaffold sends its control variates in fp32 only; "
                               f"set update_dtype: fp32 (got {self.update_dtype})")
+        if self.algorithm == "scaffold" and self.local_state == "reset":
+            raise ConfigError("config key 'algorithm': scaffold keeps per-node control variates across rounds; "
+                              "it cannot run with local_state: reset")
         if self.algorithm == "fednova":
             # Its normalization counts plain SGD steps: a momentum buffer kept across rounds, a proximal
             # term or a pre-divided half-precision update would each need another rule.
@@ -162,6 +173,13 @@ class Config:
                 if bad:
                     raise ConfigError(f"config key 'algorithm': fednova takes plain local SGD with fp32 updates; "
                                       f"'{key}' is {getattr(self, key)!r}")
+
+    def _check_synthetic_shape(self) -> None:
+        dims = synthetic_dims(self.synthetic_shape)
+        if self.dataset != "synthetic" and dims != (1, 28, 28):
+            raise ConfigError(f"config key 'synthetic_shape' applies to dataset synthetic only; dataset is "
+                              f"{self.dataset!r}")
+        object.__setattr__(self, "synthetic_shape", "x".join(map(str, dims)))
 
     def _check_data_file(self) -> None:
         """Placeholders are plain config keys, and the filled-in name is a usable path."""
@@ -186,6 +204,34 @@ class Config:
         """A short stable hash of the named keys (cache and checkpoint identity)."""
         picked = {k: getattr(self, k) for k in keys}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+MAX_SYNTHETIC_VALUES = 1 << 24  # values of one synthetic image, as a shard file allows (4096 x 4096)
+
+
+def synthetic_dims(text: str) -> tuple[int, ...]:
+    """ "1x8x8" or "[1, 8, 8]" -> (1, 8, 8): one to three whole numbers >= 1, at most MAX_SYNTHETIC_VALUES
+    values in all."""
+    text = str(text).strip()
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    parts = [p.strip() for p in re.split(r"[x,]", inner.lower())]
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and len(p) <= 9 for p in parts):
+        raise ConfigError(f"config key 'synthetic_shape' must be 1 to 3 whole numbers such as 1x8x8 or [1, 8, 8], "
+                          f"got {_show(text)}")
+    dims = tuple(int(p) for p in parts)
+    if min(dims) < 1 or math.prod(dims) > MAX_SYNTHETIC_VALUES:
+        raise ConfigError(f"config key 'synthetic_shape' must have dimensions >= 1 and at most "
+                          f"{MAX_SYNTHETIC_VALUES:,} values, got {_show(text)}")
+    return dims
+
+
+def node_state_names(cfg: Any) -> tuple[str, ...]:
+    """The per-node tensors a run keeps across rounds (what its checkpoints carry): momentum with
+    local_state keep and momentum > 0 (at momentum 0 a buffer never reaches the next round's math, so
+    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold."""
+    keep = getattr(cfg, "local_state", "keep") == "keep" and getattr(cfg, "momentum", 0.0) > 0
+    scaffold = getattr(cfg, "algorithm", "fedavg") == "scaffold"  # SCAFFOLD's c_i
+    return ("momentum",) * keep + ("control",) * scaffold
 
 
 def placeholders(template: str) -> list[str]:

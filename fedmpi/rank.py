@@ -10,9 +10,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, node_state_names
 from .data.partition import node_ranges
-from .data.prepare import check_matches, prepare
+from .data.prepare import prepare
 from .data.shards import open_shards, read_attrs, read_client_ids, read_nodes, read_offsets, read_test
 from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
@@ -51,6 +51,7 @@ class Rank:
     server: Optional[ServerOptimizer] = None  # the server optimizer applied to the mean update
     clock_zero: float = 0.0       # perf_counter() reading at which the run's wall time (t_elapsed) was 0
     client_ids: Optional[list] = None  # each node's client id when the shard file has them, rank 0 only
+    most_nodes: int = 1           # the largest rank's node count (the fp16/bf16 wire's dropped-count layout)
 
     @property
     def end(self) -> int:
@@ -77,14 +78,15 @@ def plural(n: int, word: str) -> str:
 
 
 def ensure_data(cfg: Config, comm) -> Path:
-    """Rank 0 prepares the shard file when missing; the others wait for it, then all check it."""
-    with agreed(comm):  # rank 0's refusal (no dataset, not enough memory) ends every rank cleanly
-        if comm.rank == 0:
+    """Rank 0 prepares the shard file when missing; the others wait for it.
+
+    `fedmpi run` has checked an existing file's structure and test labels on rank 0, and each rank the
+    labels of its own nodes (cli.cmd_run): no rank scans the whole file.
+    """
+    with agreed(comm):  # rank 0: no dataset, not enough memory, a bad file: every rank ends cleanly
+        if comm.rank == 0 and not cfg.data_path.exists():
             watchdog.stage("preparing the shard file")
             prepare(cfg)
-    watchdog.stage("checking the shard file")
-    with agreed(comm):
-        check_matches(cfg, cfg.data_path)
     return cfg.data_path
 
 
@@ -98,9 +100,11 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
         device = pick_device(cfg.device, comm.local_rank)
         threads = pick_threads(cfg.threads, comm.local_size)
     configure_torch(threads)
-    mine = node_ranges(cfg.nodes, comm.size)[comm.rank]
     path = ensure_data(cfg, comm)
     watchdog.stage("reading this rank's shards")
+    train_offsets = read_offsets(path, "train")
+    blocks = node_ranges(cfg.nodes, comm.size, train_offsets)  # equal samples (work) per rank, not equal nodes
+    mine = blocks[comm.rank]
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
     model = build_model(cfg.model, shape, classes, cfg.seed, cfg.model_args).to(device)
@@ -113,7 +117,8 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start, sharing),
               flatten(list(model.parameters())), mine.start, train.counts,
               node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
-    st.all_weights = node_weights(cfg.aggregation, np.diff(read_offsets(path, "train")))
+    st.all_weights = node_weights(cfg.aggregation, np.diff(train_offsets))
+    st.most_nodes = max(len(b) for b in blocks)
     st.server = server.from_config(cfg)
     if resumed is not None:
         on_every_rank(comm, lambda: restore(st, *resumed, mine.stop))
@@ -157,7 +162,8 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     workers = torch.get_num_threads() if cfg.engine == "batched" and device.type == "cpu" else 1
     work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
                        activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
-                       cfg.batch_size, cfg.local_epochs, cfg.algorithm == "scaffold")
+                       cfg.batch_size, cfg.local_epochs, node_state=node_state_names(cfg).count("momentum"),
+                       control=cfg.algorithm == "scaffold")
     gpu = device.type == "cuda"
     report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
                            memory.rank_parts(rows, work, gpu), memory.host_available(),
@@ -170,8 +176,9 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
 
 
 def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
-    """Continue from a checkpoint: main model, every local node's momentum, rounds done, metrics."""
-    nodes = st.engine.state()  # momentum, and scaffold's control variates c_i
+    """Continue from a checkpoint: main model, every local node's kept state (momentum, SCAFFOLD's c_i),
+    rounds done, metrics."""
+    nodes = st.engine.state()  # {} for a stateless run, whose checkpoint has no node files
     scaffold = "control" in nodes
     main, state = checkpoint.load_main(folder, st.main, st.server.STATE_NAMES if meta["round"] else (), scaffold)
     st.main = main.to(st.device)

@@ -15,7 +15,6 @@ import torch
 
 from . import __version__
 from .config import Config, config_text
-from .data.partition import node_ranges
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
 from .engine.params import load_flat
@@ -26,6 +25,7 @@ from .fl.compress import payload_bytes
 from .fl.sampling import local_selection, select_nodes
 from .output import tensorboard
 from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_atomic, write_nodes_csv
+from .output.summary import summary
 from .output.tensorboard import TensorBoardWriter
 from .rank import Rank, setup
 from .runtime import checkpoint, faults, watchdog
@@ -45,29 +45,30 @@ class DivergedError(FedmpiError):
 @dataclass
 class RoundResult:
     row: Optional[dict]   # the metrics row, rank 0 only
-    nodes: Optional[list]  # per-node scores, rank 0 only
+    nodes: Optional[list]  # every rank's block of node scores, rank 0 in a nodes.csv round only
     stop: bool            # some rank got a stop signal: every rank sees the same value
     complete: bool = True  # False: a signal interrupted some rank's training; nobody applied the round
 
 
 class MomentumUndo:
-    """The per-node state (momentum, SCAFFOLD's c_i) of a round's nodes before training, put back
-    when the round is abandoned.
+    """The per-node state (momentum, SCAFFOLD's c_i) of a round's nodes before training, put back when
+    the round is abandoned.
 
-    Momentum only with momentum > 0: with 0 a buffer never reaches the next round's math (0 * buf).
-    Costs one copy of the selected nodes' state per round, on its device.
+    Only what the run keeps across rounds (engine.state(): momentum with local_state keep and
+    momentum > 0, SCAFFOLD's c_i): a stateless run has nothing to undo. Costs one copy of the selected
+    nodes' state per round, on its device.
     """
 
     def __init__(self, st: Rank, rows: np.ndarray) -> None:
         self.state = st.engine.state()
-        self.index = torch.as_tensor(rows, dtype=torch.int64, device=self.state["momentum"].device)
-        keep = {"momentum": st.cfg.momentum > 0, "control": True}
-        self.saved = {name: t.index_select(0, self.index) for name, t in self.state.items()
-                      if keep.get(name, True) and len(rows) > 0}
+        self.saved = {}
+        if self.state and len(rows) > 0:
+            self.index = torch.as_tensor(rows, dtype=torch.int64, device=next(iter(self.state.values())).device)
+            self.saved = {k: t.index_select(0, self.index) for k, t in self.state.items()}
 
     def restore(self) -> None:
-        for name, saved in self.saved.items():
-            self.state[name].index_copy_(0, self.index, saved)
+        for name, rows in self.saved.items():
+            self.state[name].index_copy_(0, self.index, rows)
 
 
 def extra_values(st: Rank) -> int:
@@ -103,9 +104,9 @@ def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> 
 
 def train_local(st: Rank, rnd: int, rows: np.ndarray,
                 tick: Optional[Callable[[], None]] = None) -> tuple[UpdateSum, np.ndarray, int, float]:
-    """Train this rank's selected nodes (local indices `rows`); returns their summed update,
-    local-model accuracies (NaN for nodes that sat the round out), dropped count, seconds."""
-    update, local_acc, dropped = UpdateSum(st.main, extra_values(st)), np.full(len(st.samples), np.nan), 0
+    """Train this rank's selected nodes (local indices `rows`, ascending); returns their summed update,
+    their local-model accuracies (aligned with `rows`; NaN for a dropped node), dropped count, seconds."""
+    update, local_acc, dropped = UpdateSum(st.main, extra_values(st)), np.full(len(rows), np.nan), 0
     lx, ly, loffsets = st.local_test
     chunks, t_train = st.engine.train(st.main, rnd, rows, tick), 0.0
     while True:
@@ -115,16 +116,17 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
         if chunk is None:
             return update, local_acc, dropped, t_train
         ks = np.array([n - st.first for n in chunk.nodes])
+        at = np.searchsorted(rows, ks)
         for row, node in enumerate(chunk.nodes):
             if faults.poison_node(node, rnd):
                 chunk.params[row] = float("nan")
         starts, ends = loffsets[ks], loffsets[ks + 1]
-        local_acc[ks] = stacked_accuracy(st.model, chunk.params, lx, ly, starts, ends - starts)
+        local_acc[at] = stacked_accuracy(st.model, chunk.params, lx, ly, starts, ends - starts)
         # A row with a NaN or an Inf sums to NaN or Inf (so would weights beyond ~1e33, diverged
         # anyway): one pass over the chunk, no [k, P] boolean tensor.
         finite = torch.isfinite(chunk.params.sum(dim=1))
         finite_host = finite.cpu().numpy()
-        local_acc[ks[~finite_host]] = np.nan  # a dropped node has no local model to score
+        local_acc[at[~finite_host]] = np.nan  # a dropped node has no local model to score
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
         weights, tally = st.weights[ks[finite_host]], None
         extra = None if chunk.control_delta is None else chunk.control_delta[finite]
@@ -136,13 +138,13 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
 
 
 def drop_diverged(st: Rank, nodes: list[int], finite: np.ndarray, rnd: int) -> int:
-    """Nodes with NaN/Inf parameters get weight zero this round and fresh per-node state (momentum, c_i)."""
+    """Nodes with NaN/Inf parameters get weight zero this round and a fresh per-node state (momentum, c_i)."""
     for node, ok in zip(nodes, finite):
         if not ok:
             print(f"fedmpi: node {node} (rank {st.comm.rank}) diverged (NaN/Inf) in round {rnd}; "
                   f"left out of the average", file=sys.stderr, flush=True)
-            for state in st.engine.state().values():
-                state[node - st.first].zero_()
+            for tensor in st.engine.state().values():
+                tensor[node - st.first].zero_()
     return int((~finite).sum())
 
 
@@ -153,6 +155,7 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     #    computes the round's node selection itself (seeded by round, not by rank).
     selected = select_nodes(cfg.nodes, cfg.fraction, cfg.seed, rnd)
     rows = local_selection(selected, st.first, st.end) - st.first
+    t_select = time.perf_counter() - t0
     # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
     #    interrupts it within a step, and the rank votes to abandon the round.
     undo = MomentumUndo(st, rows)
@@ -165,24 +168,52 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     if abandoned:  # some rank's sum is incomplete: every rank drops the round; a resume reruns it
         undo.restore()
         return RoundResult(None, None, stop=True, complete=False)
-    # 4. evaluate: the main model on each local test split here, on the test set at rank 0.
+    # 4. evaluate: the main model on the test set at rank 0 and, when scored this round, on each local
+    #    test split here.
     watchdog.stage("evaluating", rnd)
     t1 = sync(st.device)
-    main_on_local = per_node_accuracy(st.model, st.main, *st.local_test)
-    evaluated = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+    evaluated, listed = evaluated_round(cfg, rnd), nodes_round(cfg, rnd)
+    main_on_local = per_node_accuracy(st.model, st.main, *st.local_test) if evaluated or listed else None
     test = (accuracy_loss(st.model, st.main, *st.test, loss_function(cfg.loss)) if st.test is not None and evaluated
             else (None, None))
     t_eval = sync(st.device) - t1
-    # 5. record: rank 0 gathers every rank's timings and node scores.
-    nodes = [dict(node=st.first + k, rank=st.comm.rank, samples=int(st.samples[k]), local_acc=float(local_acc[k]),
-                  main_on_local_acc=float(main_on_local[k])) for k in range(len(st.samples))]
-    per_rank = st.comm.gather(dict(t_train=t_train, t_collective=timing.t_collective, nodes=nodes))
+    # 5. record: rank 0 gathers every rank's timings and fixed-size score summaries; every node's
+    #    scores only in a nodes.csv round.
+    t2 = time.perf_counter()
+    per_rank = st.comm.gather(round_part(st, t_train, timing.t_collective, rows, local_acc, main_on_local, listed))
     if per_rank is None:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
-    row.update(nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
+    row.update(t_select=t_select, t_gather=time.perf_counter() - t2,
+               nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
                bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, t_elapsed=time.perf_counter() - st.clock_zero)
-    return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
+    return RoundResult(row, [r["block"] for r in per_rank] if listed else None, stop_all)
+
+
+def round_part(st: Rank, t_train: float, t_collective: float, rows: np.ndarray, local_acc: np.ndarray,
+               main_on_local: Optional[np.ndarray], listed: bool) -> dict:
+    """What this rank sends rank 0 for the row: timings and fixed-size score summaries, and in a
+    nodes.csv round its block of every node's scores (NaN local_acc for a node that did not train)."""
+    part = dict(t_train=t_train, t_collective=t_collective, nodes=len(st.samples), local=summary(local_acc),
+                main_on_local=None if main_on_local is None else summary(main_on_local))
+    if listed:
+        everyone = np.full(len(st.samples), np.nan)
+        everyone[rows] = local_acc
+        part["block"] = dict(first=st.first, rank=st.comm.rank, samples=st.samples, local_acc=everyone,
+                             main_on_local_acc=main_on_local)
+    return part
+
+
+def evaluated_round(cfg: Config, rnd: int) -> bool:
+    """The main model is scored on the test set every eval_every rounds and in the last one."""
+    return rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+
+
+def nodes_round(cfg: Config, rnd: int) -> bool:
+    """nodes.csv is rewritten every node_metrics_every rounds and in the last one (0: every evaluated round)."""
+    if cfg.node_metrics_every == 0:
+        return evaluated_round(cfg, rnd)
+    return rnd % cfg.node_metrics_every == 0 or rnd == cfg.rounds
 
 
 def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, selected: np.ndarray) -> tuple:
@@ -190,8 +221,7 @@ def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, 
     zeros), then move the main model unless the round is abandoned; returns the buffer, timings,
     dropped total, agreed stop, abandoned."""
     cfg, comm = st.cfg, st.comm
-    most_nodes = len(node_ranges(cfg.nodes, comm.size)[0])  # rank 0 holds the largest block
-    wire = Wire(cfg.update_dtype, comm.size, comm.rank, most_nodes, extra_values(st))
+    wire = Wire(cfg.update_dtype, comm.size, comm.rank, st.most_nodes, extra_values(st))
     buf = update.pack(dropped, vote, wire, float(st.all_weights[selected].sum()))
     timing = comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
     _, dropped_total, stop_all = trailer(buf, wire)
@@ -255,8 +285,8 @@ def start_files(st: Rank, run_dir: Path) -> Optional[MetricsWriter]:
 
 def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult,
            board: Optional[TensorBoardWriter] = None) -> None:
-    """Rank 0: append the row (and its scalars to TensorBoard), print one line, keep nodes.csv of the
-    last evaluated round."""
+    """Rank 0: append the row (and its scalars to TensorBoard), print one line, rewrite nodes.csv in the
+    rounds that list every node."""
     if result.row is None:
         return
     watchdog.stage("writing metrics", result.row["round"])
@@ -265,7 +295,7 @@ def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: Rou
     if board is not None:
         board.write(result.row)
     print(("\r" if sys.stderr.isatty() else "") + describe_round(result.row, st.cfg.rounds), flush=True)
-    if result.row["test_acc"] is not None:
+    if result.nodes is not None:
         write_nodes_csv(run_dir / "nodes.csv", result.nodes, st.client_ids)
 
 
@@ -313,7 +343,7 @@ def run_rounds(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], board: 
 def save_checkpoint(st: Rank, run_dir: Path, rnd: int) -> None:
     watchdog.stage("writing the checkpoint", rnd)
     checkpoint.save(run_dir, st.comm, st.cfg, rnd, st.main, st.server.state(), st.engine.state(),
-                    st.first, st.rows, getattr(st.engine, "server_control", None))
+                    st.first, st.end, st.rows, getattr(st.engine, "server_control", None))
 
 
 def stop_job(st: Rank, run_dir: Path, stop: StopFlag, done: int, complete: bool) -> int:

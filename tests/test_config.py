@@ -232,3 +232,17 @@ def test_every_job_names_its_shard_file_after_the_keys_that_make_it(job, key):
     assert getattr(base, key) != OTHER_VALUE[key]
     changed = load_config(job, {key: OTHER_VALUE[key]})
     assert changed.data_path != base.data_path, f"{job}: --set {key}=... would reuse {base.data_path}"
+
+
+def test_scaffold_needs_the_per_node_state_that_local_state_reset_drops():
+    with pytest.raises(ConfigError, match="config key 'algorithm': scaffold keeps per-node control variates"):
+        Config(algorithm="scaffold", local_state="reset")
+    assert Config(algorithm="scaffold").local_state == "keep"
+
+
+def test_the_per_node_state_a_run_keeps():
+    from fedmpi.config import node_state_names
+
+    assert node_state_names(Config()) == ("momentum",)
+    assert node_state_names(Config(local_state="reset")) == ()
+    assert node_state_names(Config(momentum=0.0, algorithm="scaffold")) == ("control",)

@@ -6,7 +6,7 @@ hyperparameters are keyword-only arguments after the common ones (see prepare.pa
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -205,10 +205,33 @@ def offsets_of(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
 
 
-def node_ranges(nodes: int, ranks: int) -> list[range]:
-    """Contiguous blocks of nodes per rank, sizes differing by at most one (lower ranks larger)."""
+def node_ranges(nodes: int, ranks: int, offsets: Optional[np.ndarray] = None) -> list[range]:
+    """Contiguous blocks of nodes per rank, at least one node each.
+
+    Without `offsets`: sizes differing by at most one (lower ranks larger). With the training rows'
+    offsets (node i owns offsets[i]:offsets[i+1]): cut by cumulative sample count, so each rank gets
+    about total/ranks samples of work; rank r starts at the node whose preceding samples come nearest
+    r * total / ranks. Placement never changes a result (every draw is seeded by node, not by rank).
+    """
     if ranks > nodes:
         raise ConfigError(f"{ranks} MPI ranks but only {nodes} nodes: use at most {nodes} ranks (mpirun -n)")
-    base, extra = divmod(nodes, ranks)
-    starts = [r * base + min(r, extra) for r in range(ranks + 1)]
+    if offsets is None or int(offsets[-1]) == 0:
+        base, extra = divmod(nodes, ranks)
+        starts = [r * base + min(r, extra) for r in range(ranks + 1)]
+    else:
+        before = np.asarray(offsets[:nodes], dtype=np.int64)  # samples of the nodes ahead of each node
+        total = int(offsets[nodes])
+        targets = [-(-r * total // ranks) for r in range(ranks)]  # ceil(r * total / ranks), exact in ints
+        starts = [nearest_cut(before, t) for t in targets]
+        for r in range(1, ranks):  # every rank keeps at least one node, and leaves one for each rank after it
+            starts[r] = min(max(starts[r], starts[r - 1] + 1), nodes - (ranks - r))
+        starts.append(nodes)
     return [range(starts[r], starts[r + 1]) for r in range(ranks)]
+
+
+def nearest_cut(before: np.ndarray, target: int) -> int:
+    """The node i whose preceding samples before[i] are nearest `target` (the earlier one on a tie)."""
+    i = int(np.searchsorted(before, target, side="left"))
+    if i == len(before) or (i > 0 and target - before[i - 1] <= before[i] - target):
+        return i - 1
+    return i

@@ -1,12 +1,13 @@
 """The prepare stage: raw dataset -> partition -> one HDF5 shard file (see shards.py for the layout)."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, placeholders
+from ..config import Config, placeholders, synthetic_dims
 from ..errors import ConfigError, DataError
 from ..runtime.memory import check_prepare
 from .describe import describe, label_table  # noqa: F401 - `fedmpi prepare --describe` and its tests use them
@@ -15,7 +16,7 @@ from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import make_parent, write_shards
 from .sources import check_data_dir, load_dataset
 from .userfile import check_model
-from .validate import MAX_NODES, MAX_ROWS, validate_shards
+from .validate import ALL_LABELS, MAX_NODES, MAX_ROWS, validate_shards
 
 # Partitions whose local test splits copy each node's training label proportions (see like_train).
 LABEL_SKEWED = ("shards", "dirichlet")
@@ -31,6 +32,9 @@ def partition_options(cfg: Config) -> dict:
     return {arg: getattr(cfg, key) for key, arg in PARTITION_KEYS.get(cfg.partition, {}).items()}
 
 
+DEFAULT_SHAPE = Config.__dataclass_fields__["synthetic_shape"].default
+
+
 def expected_attrs(cfg: Config) -> dict:
     """The attributes a shard file made from `cfg` carries; a run checks them before training."""
     if cfg.dataset == "file":  # the file says how it was made; only the node count must agree
@@ -41,6 +45,10 @@ def expected_attrs(cfg: Config) -> dict:
     attrs.update({key: getattr(cfg, key) for key in PARTITION_KEYS.get(cfg.partition, {})})
     if cfg.partition in PARTITION_KEYS:
         attrs["local_test_scheme"] = local_test_scheme(cfg.partition)
+    if cfg.dataset == "synthetic" and cfg.synthetic_shape != DEFAULT_SHAPE:
+        # Only a shape asked for: a synthetic file of any shape (as the tests make) runs by default, the
+        # model being built from the file's own input_shape.
+        attrs["input_shape"] = list(synthetic_dims(cfg.synthetic_shape))
     return attrs
 
 
@@ -64,21 +72,23 @@ def local_test_parts(cfg: Config, raw, train_parts: list[np.ndarray]) -> list[np
     return split(raw.test_y, cfg.nodes, cfg.test_per_node, raw.classes, cfg.seed, allow_reuse=True)
 
 
-def prepare(cfg: Config, force: bool = False) -> Path:
-    """Write cfg's shard file unless a matching one exists; returns its path."""
+def prepare(cfg: Config, force: bool = False, labels: tuple[str, ...] = ALL_LABELS) -> Path:
+    """Write cfg's shard file unless a matching one exists; returns its path. An existing file is
+    checked, with the labels of the groups `labels` (validate_shards)."""
     path = cfg.data_path
     if cfg.dataset == "file":
         if force:
             raise ConfigError("prepare --force: with dataset 'file' fedmpi never writes data_file, it is the data")
-        check_matches(cfg, path)
+        check_matches(cfg, path, labels)
         return path
     if os.path.exists(path) and not force:
-        check_matches(cfg, path)
+        check_matches(cfg, path, labels)
         return path
     check_preparable(cfg)
     print(f"preparing the shard file {path} ({cfg.dataset}, {cfg.partition}, {cfg.nodes} nodes x "
           f"{cfg.samples_per_node} samples)", flush=True)
-    raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node)
+    raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.seed, synthetic_size=cfg.nodes * cfg.samples_per_node,
+                       synthetic_shape=synthetic_dims(cfg.synthetic_shape))
     split = PARTITIONERS[cfg.partition]
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
                         **partition_options(cfg))
@@ -98,7 +108,8 @@ def check_preparable(cfg: Config) -> None:
     made: beyond the shard file's caps, too big for this host's memory (runtime/memory.py), data_dir
     unreadable, or nowhere to write it."""
     check_sizes(cfg)
-    check_prepare(cfg.dataset, cfg.nodes, cfg.samples_per_node, cfg.test_per_node)
+    check_prepare(cfg.dataset, cfg.nodes, cfg.samples_per_node, cfg.test_per_node,
+                  math.prod(synthetic_dims(cfg.synthetic_shape)))
     if cfg.data_dir and cfg.dataset != "synthetic":
         check_data_dir(cfg.data_dir)
     make_parent(cfg.data_path)
@@ -114,9 +125,10 @@ def check_sizes(cfg: Config) -> None:
                               f"holds at most {MAX_ROWS:,}")
 
 
-def check_matches(cfg: Config, path: Path) -> None:
-    """Refuse a malformed shard file, or one made from another dataset, partition, seed or size."""
-    attrs = validate_shards(path)
+def check_matches(cfg: Config, path: Path, labels: tuple[str, ...] = ALL_LABELS) -> None:
+    """Refuse a malformed shard file, or one made from another dataset, partition, seed or size
+    (scanning the labels of the groups `labels`, see validate_shards)."""
+    attrs = validate_shards(path, labels)
     for key, want in expected_attrs(cfg).items():
         if attrs.get(key) != want and cfg.dataset == "file":
             raise ConfigError(f"config key 'nodes' is {cfg.nodes}, the shard file {path} has {attrs[key]} nodes")
@@ -127,7 +139,7 @@ def check_matches(cfg: Config, path: Path) -> None:
 
 
 # Shard-file attributes named otherwise in the config; local_test_scheme follows from partition.
-ATTR_KEYS = {"num_nodes": "nodes", "local_test_scheme": "partition"}
+ATTR_KEYS = {"num_nodes": "nodes", "local_test_scheme": "partition", "input_shape": "synthetic_shape"}
 
 
 def mismatch_advice(cfg: Config, attr: str) -> str:

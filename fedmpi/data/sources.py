@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import DataError
+from ..runtime.memory import SYNTHETIC_BLOCK
 from .files import kind_of, reason
 
 IDX_FILES = {
@@ -115,10 +116,11 @@ def candidate_dirs(name: str, data_dir: Optional[str]) -> list[Path]:
     return dirs + [cache_dir(name)]
 
 
-def load_dataset(name: str, data_dir: Optional[str], seed: int = 0, synthetic_size: int = 0) -> RawDataset:
+def load_dataset(name: str, data_dir: Optional[str], seed: int = 0, synthetic_size: int = 0,
+                 synthetic_shape: tuple[int, ...] = (1, 28, 28)) -> RawDataset:
     """Find and load `name`; one clear error when it is nowhere and cannot be downloaded."""
     if name == "synthetic":
-        return synthetic(synthetic_size, seed)
+        return synthetic(synthetic_size, seed, shape=synthetic_shape)
     if data_dir:
         check_data_dir(data_dir)
     searched = candidate_dirs(name, data_dir)
@@ -185,16 +187,26 @@ def _torchvision(name: str, root: Path, download: bool) -> RawDataset:
     return RawDataset(name, np.ascontiguousarray(xs[0]), ys[0], np.ascontiguousarray(xs[1]), ys[1], classes=10)
 
 
-def synthetic(train_size: int, seed: int, test_size: int = 1000, classes: int = 10) -> RawDataset:
-    """Deterministic 1x28x28 images: a fixed random prototype per class plus noise; learnable in seconds."""
+
+
+def synthetic(train_size: int, seed: int, test_size: int = 1000, classes: int = 10,
+              shape: tuple[int, ...] = (1, 28, 28)) -> RawDataset:
+    """Deterministic images of `shape` (1x28x28 by default): a fixed random prototype per class plus
+    noise; learnable in seconds. A small shape (1x8x8) lets a million-node file fit on a laptop."""
     rng = np.random.default_rng([seed, 7919])
-    prototypes = rng.uniform(0, 255, size=(classes, 1, 28, 28))
+    shape = tuple(shape)
+    prototypes = rng.uniform(0, 255, size=(classes, *shape))
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = np.arange(n) % classes
         rng.shuffle(y)
-        noise = rng.normal(0, 90, size=(n, 1, 28, 28))
-        return np.clip(prototypes[y] + noise, 0, 255).astype(np.uint8), y.astype(np.int64)
+        x = np.empty((n, *shape), np.uint8)
+        # In blocks: the float64 noise of a block at a time, not of every image (the generator yields
+        # the same numbers in one call or in several).
+        for a in range(0, n, SYNTHETIC_BLOCK):
+            b = min(n, a + SYNTHETIC_BLOCK)
+            x[a:b] = np.clip(prototypes[y[a:b]] + rng.normal(0, 90, size=(b - a, *shape)), 0, 255)
+        return x, y.astype(np.int64)
 
     train_x, train_y = draw(max(train_size, classes))
     test_x, test_y = draw(test_size)

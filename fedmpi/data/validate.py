@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -35,8 +36,17 @@ ID_CHUNK = 1 << 16                  # client ids decoded per step
 X_DTYPES = (np.dtype("uint8"), np.dtype("<f4"))  # little-endian float32: what torch reads without a copy
 
 
-def validate_shards(path: Path) -> dict:
-    """Raise DataError unless `path` is a complete, consistent shard file; returns its attributes."""
+ALL_LABELS = ("train", "local_test", "test")
+RUN_LABELS = ("test",)  # a run: rank 0 scans the test set's, each rank its own nodes' (check_block_labels)
+
+
+def validate_shards(path: Path, labels: tuple[str, ...] = ALL_LABELS) -> dict:
+    """Raise DataError unless `path` is a complete, consistent shard file; returns its attributes.
+
+    `labels`: the groups whose labels are scanned besides the structure (attributes, datasets, offsets,
+    ids); a run passes RUN_LABELS, as each rank checks its own nodes' labels (check_block_labels), so no
+    rank reads them all.
+    """
     with open_shards(path) as f:
         try:
             attrs = check_attrs(path, f.attrs)
@@ -49,7 +59,7 @@ def validate_shards(path: Path) -> dict:
                               empty_nodes_ok=group != "train")
             if ids is not None:
                 check_ids(path, ids)
-            for group, (_, y) in data.items():
+            for group, (_, y) in ((g, d) for g, d in data.items() if g in labels):
                 check_labels(path, y, f"/{group}/y", attrs["classes"])
             if len(data["test"][1]) == 0:
                 raise DataError(f"shard file {path}: /test has no samples")
@@ -189,14 +199,33 @@ def check_offsets(path: Path, group: str, offsets: np.ndarray, n: int, empty_nod
         raise DataError(f"{where}: node {int(np.flatnonzero(steps == 0)[0])} has zero samples")
 
 
-def check_labels(path: Path, y: h5py.Dataset, name: str, classes: int) -> None:
-    """Every label in [0, classes), read LABEL_CHUNK rows at a time."""
-    for start in range(0, y.shape[0], LABEL_CHUNK):
-        chunk = read_rows(path, y, start, start + LABEL_CHUNK)
+def check_labels(path: Path, y: h5py.Dataset, name: str, classes: int, first: int = 0,
+                 stop: Optional[int] = None) -> None:
+    """Every label of rows first..stop-1 (all by default) in [0, classes), read LABEL_CHUNK rows at a time."""
+    stop = y.shape[0] if stop is None else stop
+    for start in range(first, stop, LABEL_CHUNK):
+        chunk = read_rows(path, y, start, min(stop, start + LABEL_CHUNK))
         bad = np.flatnonzero((chunk < 0) | (chunk >= classes))
         if len(bad):
             row = start + int(bad[0])
             raise DataError(f"shard file {path}: {name}[{row}] = {chunk[bad[0]]} is outside the classes [0, {classes})")
+
+
+def check_block_labels(path: Path, ranks: int, rank: int) -> None:
+    """The labels of this rank's nodes (placed as the run places them) in /train and /local_test, of a
+    file whose structure rank 0 has checked: each rank reads its own share, no rank all of them."""
+    from .partition import node_ranges
+
+    with open_shards(path) as f:
+        try:
+            classes = int(attr_value(path, f.attrs, "classes"))
+            groups = {g: read_rows(path, stored_dataset(path, f, f"{g}/offsets")).astype(np.int64) for g in GROUPS}
+            mine = node_ranges(len(groups["train"]) - 1, ranks, groups["train"])[rank]
+            for group, offsets in groups.items():
+                y = stored_dataset(path, f, f"{group}/y")
+                check_labels(path, y, f"/{group}/y", classes, int(offsets[mine.start]), int(offsets[mine.stop]))
+        except READ_ERRORS as err:
+            raise DataError(f"shard file {path}: cannot be read ({reason(err)})") from None
 
 
 def histogram_fits(attrs: dict) -> bool:

@@ -20,7 +20,7 @@ class Engine(Protocol):
         `tick()` runs before every training step; an exception it raises ends the training."""
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Per-node state to checkpoint (momentum [nodes, P])."""
+        """Per-node state kept across rounds, to checkpoint ({"momentum": [nodes, P]}, or {} when stateless)."""
 
 
 ENGINES: dict[str, type] = {"sequential": SequentialEngine, "batched": BatchedEngine}

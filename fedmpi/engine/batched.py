@@ -22,7 +22,8 @@ from ..fl.algorithms import scaffold_correction, scaffold_node_controls
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
-from .sequential import Chunk, compute_dtype, node_state, scaffold_state
+from .sequential import Chunk, compute_dtype, scaffold_state
+from .state import make_state
 from .vmap import VmapKernel
 
 # CPU working-set budget for one chunk (params + momentum + grads + activations). About the
@@ -89,8 +90,9 @@ class BatchedEngine:
         check_stackable(model)
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
-        self.momentum = torch.zeros(nodes, size, device=x.device, dtype=x.dtype)
-        self.control, self.server_control = scaffold_state(cfg, nodes, size, x.device)
+        self.store = make_state(cfg, nodes, size, x.device, x.dtype)
+        self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
+        self.control, self.server_control = scaffold_state(self.store, size)
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
@@ -121,11 +123,14 @@ class BatchedEngine:
         plan = make_plan(self.offsets, part, self.first_node, cfg, rnd, self.x.device, self.x.dtype)
         # A contiguous block trains in place; a sampled subset is gathered and written back.
         block = part[-1] - part[0] + 1 == len(part)
-        mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
+        if self.momentum is None:
+            mom = torch.zeros(len(part), main.numel(), device=self.x.device, dtype=main.dtype)
+        else:
+            mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
         where = torch.from_numpy(part).to(self.x.device)
         corr = None if self.control is None else scaffold_correction(self.server_control, self.control[where])
         params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick, corr)
-        if not block:
+        if not block and self.momentum is not None:
             self.momentum[torch.from_numpy(part)] = mom
         delta = None
         if self.control is not None:
@@ -135,8 +140,8 @@ class BatchedEngine:
         return Chunk(ids, params, delta)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Per-node state [nodes, P] in node order (as SequentialEngine.state)."""
-        return node_state(self)
+        """Per-node state kept across rounds, in node order (as SequentialEngine.state)."""
+        return self.store.as_dict()
 
 
 def split_rows(rows: np.ndarray, chunk: int, workers: int = 1) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ from ..fl.algorithms import scaffold_correction, scaffold_node_controls
 from .losses import Loss, loss_function
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
+from .state import make_state
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
 DROPOUT_STREAM = 2  # seed stream of a node's random draws inside the model (Dropout)
@@ -102,10 +103,13 @@ class SequentialEngine:
         self.offsets, self.first_node = offsets, first_node
         self.params = list(model.parameters())
         size = sum(p.numel() for p in self.params)
-        # Each node keeps its momentum across rounds, as with one optimizer per node in the tutorial.
-        self.momentum = torch.zeros(len(offsets) - 1, size, device=x.device)
+        # local_state keep: each node keeps its momentum across rounds, as with one optimizer per node
+        # in the tutorial; stateless, one zero buffer is reused by every node (a fresh optimizer each round).
+        self.store = make_state(cfg, len(offsets) - 1, size, x.device)
+        self.momentum = self.store.get("momentum")
+        self.fresh = None if self.momentum is not None else torch.zeros(size, device=x.device)
         self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
-        self.control, self.server_control = scaffold_state(cfg, len(offsets) - 1, size, x.device)
+        self.control, self.server_control = scaffold_state(self.store, size)
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
               tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
@@ -120,8 +124,11 @@ class SequentialEngine:
             corr = None
             if self.control is not None:
                 corr = views(scaffold_correction(self.server_control, self.control[k:k + 1])[0], self.params)
+            if self.fresh is not None:
+                self.fresh.zero_()
+            buf = self.fresh if self.momentum is None else self.momentum[k]
             with node_random(self.x.device, cfg.seed, node, rnd):
-                sgd_epochs(self.model, views(self.momentum[k], self.params), self.x[a:b], self.y[a:b],
+                sgd_epochs(self.model, views(buf, self.params), self.x[a:b], self.y[a:b],
                            cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                            batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
                            self.loss, corr)
@@ -134,20 +141,14 @@ class SequentialEngine:
             yield Chunk([node], params, delta)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Per-node state [nodes, P]: momentum, and SCAFFOLD's control variates when on."""
-        return node_state(self)
+        """Per-node state kept across rounds, in node order: momentum (local_state keep, momentum > 0) and
+        SCAFFOLD's control variates c_i, each [nodes, P]; {} for a stateless FedAvg run."""
+        return self.store.as_dict()
 
 
-def scaffold_state(cfg, nodes: int, size: int, device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(c_i [nodes, P], c [P]), zero, for `algorithm: scaffold`; else (None, None)."""
-    if getattr(cfg, "algorithm", "fedavg") != "scaffold":
+def scaffold_state(store, size: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(c_i [nodes, P] from the store, the server's c [P], zero) under `algorithm: scaffold`; else (None, None)."""
+    control = store.get("control")
+    if control is None:
         return None, None
-    return torch.zeros(nodes, size, device=device), torch.zeros(size, device=device)
-
-
-def node_state(engine) -> dict[str, torch.Tensor]:
-    """An engine's per-node tensors by name, in node order."""
-    state = {"momentum": engine.momentum}
-    if engine.control is not None:
-        state["control"] = engine.control
-    return state
+    return control, torch.zeros(size, device=control.device)

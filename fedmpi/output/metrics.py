@@ -1,4 +1,5 @@
-"""Per-round records written by rank 0: metrics.jsonl (one JSON object a line), metrics.csv, nodes.csv.
+"""Per-round records written by rank 0: metrics.jsonl (one JSON object a line), metrics.csv, nodes.csv
+(every node's scores, every node_metrics_every rounds).
 
 Every file is replaced atomically (temp file, fsync, rename), so a crash never leaves half a row.
 """
@@ -17,15 +18,7 @@ import numpy as np
 
 from ..errors import OutputError
 from ..fl.aggregate import wire_bytes_estimate
-
-
-def summarize(prefix: str, values: np.ndarray) -> dict[str, float]:
-    """mean/min/max of the finite values, under `<prefix>_mean` etc. (None when there are none)."""
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
-        return {f"{prefix}_{k}": None for k in ("mean", "min", "max")}
-    return {f"{prefix}_mean": float(finite.mean()), f"{prefix}_min": float(finite.min()),
-            f"{prefix}_max": float(finite.max())}
+from .summary import merge, row_fields
 
 
 class MetricsWriter:
@@ -67,19 +60,24 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def write_nodes_csv(path: Path, rows: list[dict[str, Any]], client_ids: Optional[list[str]] = None) -> None:
+def write_nodes_csv(path: Path, parts: list[dict[str, Any]], client_ids: Optional[list[str]] = None) -> None:
     """One row per node: node, [client_id,] rank, samples, local_acc, main_on_local_acc (replaced atomically).
 
-    client_id (each node's client in the imported data) is there when the shard file has ids.
+    `parts`: each rank's block in rank order (first node, rank, and arrays samples, local_acc,
+    main_on_local_acc; NaN where a node was not scored). client_id (each node's client in the imported
+    data) is there when the shard file has ids.
     """
     lines = io.StringIO()
     names = ["node", *(["client_id"] if client_ids is not None else []), "rank", "samples", "local_acc",
              "main_on_local_acc"]
-    writer = csv.DictWriter(lines, fieldnames=names)
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["node"]):
-        extra = {"client_id": client_ids[row["node"]]} if client_ids is not None else {}
-        writer.writerow({k: _cell(v) for k, v in {**row, **extra}.items()})
+    out = csv.writer(lines)
+    out.writerow(names)
+    for part in sorted(parts, key=lambda p: p["first"]):
+        first, rank = part["first"], part["rank"]
+        for k, (samples, local, main) in enumerate(zip(part["samples"].tolist(), part["local_acc"].tolist(),
+                                                       part["main_on_local_acc"].tolist())):
+            ids = [client_ids[first + k]] if client_ids is not None else []
+            out.writerow([first + k, *ids, rank, samples, _cell(local), _cell(main)])
     write_atomic(path, lines.getvalue())
 
 
@@ -124,19 +122,19 @@ def fsync_dir(directory: Path) -> None:
 
 def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], payload: int, ranks: int,
                 t_eval: float, t_round: float) -> dict:
-    """One round's row from rank 0's scores and every rank's timings and node scores."""
+    """One round's row from rank 0's scores and every rank's timings and fixed-size score summaries."""
     t_train = np.array([r["t_train"] for r in per_rank])
     t_wait, t_transfer = split_collective(np.array([r["t_collective"] for r in per_rank]))
-    nodes = [n for r in per_rank for n in r["nodes"]]
     central = central or {}
     row = dict(round=rnd, test_acc=test[0], test_loss=test[1], central_acc=(central.get("test_acc") or [None])[-1],
                central_loss=(central.get("test_loss") or [None])[-1],
                t_round=t_round, t_train_max=float(t_train.max()), t_train_mean=float(t_train.mean()),
                t_wait=float(t_wait.mean()), t_wait_max=float(t_wait.max()),
                t_allreduce=t_transfer, t_eval=t_eval,
-               payload_bytes=payload, wire_bytes_est=wire_bytes_estimate(payload, ranks), ranks=ranks, nodes=len(nodes))
-    row.update(summarize("local_acc", np.array([n["local_acc"] for n in nodes])))
-    row.update(summarize("main_on_local_acc", np.array([n["main_on_local_acc"] for n in nodes])))
+               payload_bytes=payload, wire_bytes_est=wire_bytes_estimate(payload, ranks), ranks=ranks,
+               nodes=sum(r["nodes"] for r in per_rank))
+    row.update(row_fields("local_acc", merge(r["local"] for r in per_rank)))
+    row.update(row_fields("main_on_local_acc", merge(r["main_on_local"] for r in per_rank)))
     return row
 
 

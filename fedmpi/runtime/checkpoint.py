@@ -4,8 +4,9 @@ RUN_DIR/checkpoint/ holds
   meta.json           round, config hash, metrics rows so far, the file list
   main.pt             the main model (flat float32), the server optimizer's state (float64) and,
                       with algorithm scaffold, the server's control variate c ('control', float32)
-  nodes-A-B.pt        momentum of nodes A..B-1 ([B-A, P]) and, with scaffold, their control
-                      variates c_i ('control'), one file per writing rank
+  nodes-A-B.pt        the per-node state of nodes A..B-1, one file per writing rank: momentum ([B-A, P])
+                      and, with scaffold, their control variates c_i ('control'); none when the run
+                      keeps no per-node state (local_state reset, or momentum 0, without scaffold)
 
 Every node's randomness is derived from (seed, node, round), so no RNG state needs saving.
 A new checkpoint is built in checkpoint.tmp/ (each file fsynced) and swapped in by renames; until the
@@ -27,7 +28,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from ..config import Config
+from ..config import Config, node_state_names
 from ..errors import FedmpiError, OutputError
 from ..output.metrics import fsync_dir, write_atomic
 from .agree import on_every_rank, on_rank0
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is c
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
 FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir", "tensorboard",
-             "stall_timeout_s")
+             "stall_timeout_s", "node_metrics_every")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
 META_KEYS = ("round", "identity", "node_files", "metrics")
 META_MAX_BYTES = 64 << 20  # about 90,000 rounds of metrics rows
@@ -71,19 +72,18 @@ def tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: Any,
-         first: int, rows: Optional[list], control: Optional[torch.Tensor] = None) -> None:
-    """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in.
-
-    `momentum`: the nodes' momentum [nodes, P], or a dict of per-node tensors with it (the engine's
-    state()); `control`: SCAFFOLD's server control variate c, kept in main.pt."""
-    nodes = momentum if isinstance(momentum, dict) else {"momentum": momentum}
+def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict,
+         node_state: dict[str, torch.Tensor], first: int, stop: int, rows: Optional[list],
+         control: Optional[torch.Tensor] = None) -> None:
+    """Collective: every rank writes its nodes' state (when the run keeps any), rank 0 the rest, then
+    rank 0 swaps it in. `control`: SCAFFOLD's server control variate c, kept in main.pt."""
     tmp = run_dir / "checkpoint.tmp"
-    name = f"nodes-{first}-{first + len(nodes['momentum'])}.pt"
+    name = f"nodes-{first}-{stop}.pt"
     try:
         on_rank0(comm, lambda: _fresh_dir(tmp))
-        block = {"first": first, **{k: v.cpu() for k, v in nodes.items()}}
-        names = on_every_rank(comm, lambda: _write(tmp / name, block))
+        block = {"first": first, **{k: v.cpu() for k, v in node_state.items()}}
+        names = on_every_rank(comm, lambda: _write(tmp / name, block) if node_state else None)
+        names = [n for n in names if n is not None]
         state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
         if control is not None:
             state["control"] = control.cpu()
@@ -219,7 +219,10 @@ def check_meta(meta: Any, cfg: Config, path: Path) -> None:
     if rnd > cfg.rounds:
         raise CheckpointError(f"checkpoint {path.parent} holds {rnd} rounds, more than rounds={cfg.rounds}: "
                               f"resume with --set rounds={rnd} or more")
-    check_node_files(meta["node_files"], cfg.nodes, bad)
+    if node_state_names(cfg):
+        check_node_files(meta["node_files"], cfg.nodes, bad)
+    elif meta["node_files"] != []:
+        raise bad(f"'node_files' must be [] for a run that keeps no per-node state, got {short(meta['node_files'])}")
     check_rows(meta["metrics"], rnd, bad)
 
 

@@ -19,7 +19,9 @@ from ..errors import ConfigError
 # (training images, test images, bytes per image) of the real datasets as published.
 RAW_SIZES = {"mnist": (60000, 10000, 784), "fashion-mnist": (60000, 10000, 784), "cifar10": (50000, 10000, 3072)}
 SYNTHETIC_TEST, SYNTHETIC_CLASSES, SYNTHETIC_IMAGE = 1000, 10, 784
-SYNTHETIC_DRAW = 3 * 8  # bytes per pixel while sources.synthetic draws: three float64 arrays at once
+SYNTHETIC_DRAW = 2 * 8  # bytes per pixel of a block sources.synthetic draws: two float64 arrays at once (numpy
+                        # adds into the noise's temporary; np.clip writes a second array)
+SYNTHETIC_BLOCK = 1 << 16  # images sources.synthetic draws at a time
 LABEL = 8               # int64 labels
 GATHERED_EXTRA = 40     # per shard-file row besides its image: label, its copy, index, concatenated index
 # shards.write_shards builds the file's image in memory before writing it: every row (node rows and the
@@ -40,18 +42,21 @@ def human(n: float) -> str:
     return f"{int(n)} B"
 
 
-def prepare_peak(dataset: str, nodes: int, samples_per_node: int, test_per_node: int) -> tuple[int, str]:
+def prepare_peak(dataset: str, nodes: int, samples_per_node: int, test_per_node: int,
+                 synthetic_pixels: int = SYNTHETIC_IMAGE) -> tuple[int, str]:
     """Peak bytes of the prepare stage (raw dataset, then the gathered shards and the file image built
-    from them) and how they were counted."""
+    from them) and how they were counted; `synthetic_pixels`: values per synthetic image (synthetic_shape)."""
     rows = nodes * (samples_per_node + test_per_node)
     if dataset == "synthetic":
+        px = synthetic_pixels
         train = max(nodes * samples_per_node, SYNTHETIC_CLASSES)
-        raw = (train + SYNTHETIC_TEST) * (SYNTHETIC_IMAGE + LABEL)
-        drawn = train * (SYNTHETIC_DRAW * SYNTHETIC_IMAGE + LABEL)
-        image_file = int((rows + SYNTHETIC_TEST) * (SYNTHETIC_IMAGE + LABEL) * IMAGE_GROWTH)
-        how = (f"nodes x samples_per_node = {train:,} synthetic images of {SYNTHETIC_IMAGE} px, "
-               f"drawn in float64 at {SYNTHETIC_DRAW * SYNTHETIC_IMAGE:,} B each")
-        return PREPARE_OVERHEAD + max(drawn, raw + rows * (SYNTHETIC_IMAGE + GATHERED_EXTRA) + image_file), how
+        raw = (train + SYNTHETIC_TEST) * (px + LABEL)
+        # sources.synthetic draws SYNTHETIC_BLOCK images at a time through float64
+        drawn = train * (px + LABEL) + min(train, SYNTHETIC_BLOCK) * SYNTHETIC_DRAW * px
+        image_file = int((rows + SYNTHETIC_TEST) * (px + LABEL) * IMAGE_GROWTH)
+        how = (f"nodes x samples_per_node = {train:,} synthetic images of {px} px, "
+               f"drawn {SYNTHETIC_BLOCK:,} at a time in float64 at {SYNTHETIC_DRAW * px:,} B each")
+        return PREPARE_OVERHEAD + max(drawn, raw + rows * (px + GATHERED_EXTRA) + image_file), how
     train, test, image = RAW_SIZES[dataset]
     image_file = int((rows + test) * (image + LABEL) * IMAGE_GROWTH)
     how = (f"{train + test:,} {dataset} images, then nodes x (samples_per_node + test_per_node) = "
@@ -83,6 +88,7 @@ class Work:
     workers: int       # chunks in training at once (the batched engine's CPU threads, else 1)
     batch_size: int
     local_epochs: int
+    node_state: int = 1  # [nodes, P] tensors kept across rounds: 1 (momentum) with local_state keep, 0 stateless
     control: bool = False  # SCAFFOLD: control variates per node and on the server, a second half of the payload
 
 
@@ -109,7 +115,8 @@ def rank_parts(rows: RankRows, w: Work, gpu: bool) -> dict[str, int]:
     """A rank's bytes on its device (the host on a CPU), by part."""
     row = row_bytes(w.pixels, gpu)[0]
     return {"training rows": rows.train * row, "local test rows": rows.local * row, "test set": rows.test * row,
-            "momentum": rows.nodes * w.params * FLOAT, "chunk working set": w.workers * chunk_bytes(rows, w),
+            "momentum": w.node_state * rows.nodes * w.params * FLOAT,
+            "chunk working set": w.workers * chunk_bytes(rows, w),
             "centralized baseline": rows.central * row + (4 * w.params * FLOAT if rows.central else 0),
             **control_parts(rows, w)}
 
@@ -245,9 +252,10 @@ def host_available() -> Optional[int]:
     return min(known) if known else None
 
 
-def check_prepare(dataset: str, nodes: int, samples_per_node: int, test_per_node: int) -> None:
+def check_prepare(dataset: str, nodes: int, samples_per_node: int, test_per_node: int,
+                  synthetic_pixels: int = SYNTHETIC_IMAGE) -> None:
     """Refuse, before the raw dataset is loaded, a shard file whose preparation cannot fit in this host's memory."""
-    need, how = prepare_peak(dataset, nodes, samples_per_node, test_per_node)
+    need, how = prepare_peak(dataset, nodes, samples_per_node, test_per_node, synthetic_pixels)
     free = host_available()
     if free is not None and need > free:
         lower = "nodes or samples_per_node" if dataset == "synthetic" else "nodes, samples_per_node or test_per_node"

@@ -54,6 +54,14 @@ SET_CASES = [  # --set VALUE, what the one line must say
     ("algorithm=scafold", "config key 'algorithm' must be one of fedavg, scaffold, fednova; got 'scafold'"),
     ("algorithm=fednova", "config key 'algorithm': fednova takes plain local SGD with fp32 updates; 'momentum' is 0.9"),
     ("algorithm=" + "s" * 4000, "config key 'algorithm' must be one of"),
+    ("local_state=forget", "config key 'local_state' must be one of keep, reset; got 'forget'"),
+    ("local_state=", "config key 'local_state' must be one of keep, reset; got ''"),
+    ("node_metrics_every=-1", "config key 'node_metrics_every' must be in [0, 10000000]"),
+    ("node_metrics_every=2.5", "config key 'node_metrics_every' must be a whole number"),
+    ("synthetic_shape=1x0x8", "config key 'synthetic_shape' must have dimensions >= 1"),
+    ("synthetic_shape=4096x4096x2", "config key 'synthetic_shape' must have dimensions >= 1 and at most 16,777,216"),
+    ("synthetic_shape=[1, 8, 8", "config key 'synthetic_shape' must be 1 to 3 whole numbers"),
+    ("synthetic_shape=1x2x3x4", "config key 'synthetic_shape' must be 1 to 3 whole numbers"),
     ("dataset=imagenet", "config key 'dataset' must be one of"),
     ("data_dir=" + "x" * 5000, "--set 'data_dir': the value has 5,000 characters, at most 4096"),
     ("learning_rate=0.1", "unknown config key 'learning_rate' (from --set)"),
@@ -175,7 +183,7 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, ranks, args, expect):
 @pytest.mark.parametrize("ranks", RANKS)
 def test_a_shard_file_too_big_for_memory_is_refused_with_the_estimate_before_anything_is_written(tmp_path, ranks):
     line = refused(base(tmp_path) + ["nodes=100000", "samples_per_node=10000", "--out", "out"], ranks, tmp_path,
-                   "config needs about 17.1 TiB to prepare the shard file (nodes x samples_per_node = "
+                   "config needs about 2.3 TiB to prepare the shard file (nodes x samples_per_node = "
                    "1,000,000,000 synthetic images")
     assert "available; lower nodes or samples_per_node" in line
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 from conftest import ROOT, Result, fedmpi, mpi_env, mpirun_path
 from shardfiles import HOSTILE, hostile, make_valid, without_permission_bypass
@@ -101,6 +102,22 @@ def test_a_hostile_shard_file_is_refused(hostile_files, tmp_path, name, ranks):
                     timeout=TIMEOUT)
     assert_one_line(result, str(path), HOSTILE[name][1])
     assert snapshot(path.parent) == before
+    assert_no_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("group,row", [("train", 20), ("local_test", 7)])
+def test_a_label_outside_the_classes_is_found_by_the_rank_that_reads_it(good, tmp_path, ranks, group, row):
+    """Rank 0 checks the structure, each rank its own nodes' labels: row 20 of /train and row 7 of
+    /local_test belong to the last node, on the last rank at -n 3; still one line, nothing written."""
+    path = tmp_path / "data" / "data.h5"
+    path.parent.mkdir()
+    shutil.copyfile(good, path)
+    with h5py.File(path, "r+") as f:
+        f[f"{group}/y"][row] = 7
+    result = fedmpi(["run", "--set", *MATCHING, f"data_file={path}", "--out", str(tmp_path / "o")], ranks=ranks,
+                    timeout=TIMEOUT)
+    assert_one_line(result, str(path), f"/{group}/y[{row}] = 7 is outside the classes [0, 3)")
     assert_no_output(tmp_path / "o")
 
 

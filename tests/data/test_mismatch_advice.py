@@ -40,3 +40,22 @@ def test_the_run_says_so_and_the_suggested_name_works(small_data, tmp_path):
     prepared = fedmpi(["prepare", "--set", *SMALL, "seed=1", f"data_file={suggested}"], timeout=120)
     assert prepared.returncode == 0, prepared.stderr
     assert Path(suggested.format(seed=1)).exists() and Path(path).exists()  # a new file; the old one kept
+
+
+def test_a_synthetic_file_of_another_shape_is_refused_and_the_shape_is_written(tmp_path):
+    from fedmpi.data.prepare import check_matches, prepare
+    from fedmpi.data.shards import read_attrs
+    from fedmpi.errors import DataError
+
+    cfg = Config(dataset="synthetic", nodes=4, samples_per_node=10, test_per_node=10, synthetic_shape="1x8x8",
+                 data_file=str(tmp_path / "s-{synthetic_shape}.h5"))
+    path = prepare(cfg)
+    assert path.name == "s-1x8x8.h5" and list(read_attrs(path)["input_shape"]) == [1, 8, 8]
+    other = Config(**{**cfg.to_dict(), "synthetic_shape": [1, 4, 4], "data_file": str(path)})
+    try:
+        check_matches(other, path)
+    except DataError as err:
+        assert "was made with input_shape=[1, 8, 8], the config says [1, 4, 4]" in str(err)
+        assert "delete it, or rewrite it" not in str(err)  # the name does not say the shape: a placeholder is advised
+    else:
+        raise AssertionError("a file of another shape was accepted")

@@ -64,3 +64,18 @@ def test_node_ranges_are_contiguous_and_cover_every_node_once(nodes, ranks):
 def test_more_ranks_than_nodes_is_an_error():
     with pytest.raises(ConfigError, match="5 MPI ranks but only 4 nodes"):
         node_ranges(4, 5)
+    with pytest.raises(ConfigError, match="5 MPI ranks but only 4 nodes"):
+        node_ranges(4, 5, np.arange(5))
+
+
+def test_blocks_by_sample_count_balance_the_work():
+    # one huge node first: by node count rank 0 would hold 100 + 3 of 206 samples
+    offsets = offsets_of([np.arange(n) for n in [100, 1, 1, 1, 1, 1, 1, 100]])
+    assert [(b.start, b.stop) for b in node_ranges(8, 3, offsets)] == [(0, 1), (1, 7), (7, 8)]
+    assert [(b.start, b.stop) for b in node_ranges(8, 3)] == [(0, 3), (3, 6), (6, 8)]
+    # each rank at least one node, even where one node holds nearly everything
+    assert [len(b) for b in node_ranges(4, 4, offsets_of([np.arange(n) for n in [1000, 1, 1, 1]]))] == [1, 1, 1, 1]
+    assert [len(b) for b in node_ranges(5, 2, offsets_of([np.arange(n) for n in [1, 1, 1, 1, 1000]]))] == [4, 1]
+    # equal sizes: equal blocks; no samples at all: by node count
+    assert [len(b) for b in node_ranges(9, 3, np.arange(10) * 40)] == [3, 3, 3]
+    assert [len(b) for b in node_ranges(5, 2, np.zeros(6, np.int64))] == [3, 2]

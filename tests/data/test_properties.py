@@ -75,6 +75,22 @@ def test_node_ranges_cover_every_node_once_in_blocks_differing_by_one_or_refuse(
     assert len(sizes) == ranks and max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
+@SETTINGS
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=100), st.integers(1, 16))
+def test_blocks_by_sample_count_cover_every_node_and_no_rank_holds_much_more_than_its_share(sizes, ranks):
+    nodes, offsets = len(sizes), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    try:
+        blocks = node_ranges(nodes, ranks, offsets)
+    except ConfigError:
+        assert ranks > nodes
+        return
+    assert [n for b in blocks for n in b] == list(range(nodes)) and all(len(b) >= 1 for b in blocks)
+    total = offsets[-1]
+    for b in blocks:  # beyond its share by at most the one node that crosses a cut (or the forced one-node blocks)
+        work = offsets[b.stop] - offsets[b.start]
+        assert work <= -(-total // ranks) + 2 * max(sizes) or len(b) == 1
+
+
 # --- the shard file: random valid files, random corruptions ---------------------------------------------
 
 def load_everything(path):

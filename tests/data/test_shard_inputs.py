@@ -105,8 +105,9 @@ def test_client_ids_round_trip_and_appear_in_nodes_csv(tmp_path):
     path = make_valid(tmp_path / "c.h5", client_ids=ids)
     validate_shards(path)
     assert read_client_ids(path) == ids and read_client_ids(make_valid(tmp_path / "none.h5")) is None
-    rows = [dict(node=n, rank=0, samples=6, local_acc=0.5, main_on_local_acc=0.25) for n in (2, 0, 3, 1)]
-    write_nodes_csv(tmp_path / "nodes.csv", rows, read_client_ids(path))
+    blocks = [dict(first=first, rank=rank, samples=np.full(2, 6), local_acc=np.full(2, 0.5),
+                   main_on_local_acc=np.full(2, 0.25)) for first, rank in ((2, 1), (0, 0))]
+    write_nodes_csv(tmp_path / "nodes.csv", blocks, read_client_ids(path))
     with open(tmp_path / "nodes.csv", newline="") as f:
         got = list(csv.DictReader(f))
     assert list(got[0]) == ["node", "client_id", "rank", "samples", "local_acc", "main_on_local_acc"]

@@ -87,6 +87,16 @@ def test_synthetic_is_deterministic_and_label_balanced():
     assert not np.array_equal(a.train_x, synthetic(100, seed=2).train_x)
 
 
+def test_synthetic_images_of_another_shape_drawn_in_blocks_are_the_same_bits(monkeypatch):
+    small = synthetic(300, seed=4, shape=(1, 8, 8))
+    assert small.train_x.shape == (300, 1, 8, 8) and small.test_x.shape == (1000, 1, 8, 8)
+    assert small.train_x.dtype == np.uint8 and small.train_x.std() > 10  # noisy images, not a constant
+    from fedmpi.data import sources
+    monkeypatch.setattr(sources, "SYNTHETIC_BLOCK", 7)  # many blocks: the same numbers as in one
+    again = sources.synthetic(300, seed=4, shape=(1, 8, 8))
+    assert np.array_equal(small.train_x, again.train_x) and np.array_equal(small.test_x, again.test_x)
+
+
 def test_an_idx_file_that_is_a_fifo_is_refused_without_opening_it(tmp_path):
     fake_mnist(tmp_path)
     (tmp_path / "train-labels-idx1-ubyte.gz").unlink()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from fedmpi.output.metrics import MetricsWriter, describe_round, metrics_row, summarize, write_atomic, write_nodes_csv
+from fedmpi.output.metrics import MetricsWriter, describe_round, metrics_row, write_atomic, write_nodes_csv
+from fedmpi.output.summary import summary
 
 # The writer process stalls half-way through a write and is SIGKILLed there: every open() for
 # writing is wrapped so that, in round KILL_AT, write() puts half its text on disk and then hangs.
@@ -36,6 +37,7 @@ def patched(file, mode="r", *args, **kwargs):
     return HalfThenHang(f) if set(mode) & set("wa") else f
 
 builtins.open = io.open = patched
+from fedmpi.output.summary import summary
 from fedmpi.output.metrics import MetricsWriter
 w = MetricsWriter(Path(sys.argv[1]))
 for rnd in range(1, 10_000):
@@ -103,18 +105,26 @@ def test_rows_are_written_in_order_with_empty_cells_for_missing_values(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.jsonl"]  # no temp files left
 
 
+def block(first, rank, local, main):
+    return dict(first=first, rank=rank, samples=np.full(len(local), 4), local_acc=np.array(local),
+                main_on_local_acc=np.array(main))
+
+
 def test_nodes_csv_is_sorted_by_node(tmp_path):
-    rows = [dict(node=n, rank=n // 2, samples=4, local_acc=0.5, main_on_local_acc=None) for n in (3, 0, 2, 1)]
-    write_nodes_csv(tmp_path / "nodes.csv", rows)
+    parts = [block(2, 1, [0.5, np.nan], [0.25, 0.75]), block(0, 0, [0.5, 1.0], [np.nan, 0.5])]
+    write_nodes_csv(tmp_path / "nodes.csv", parts, ["a", "b", "c", "d"])
     with open(tmp_path / "nodes.csv") as f:
         got = list(csv.DictReader(f))
     assert [r["node"] for r in got] == ["0", "1", "2", "3"] and got[0]["main_on_local_acc"] == ""
+    assert [r["client_id"] for r in got] == ["a", "b", "c", "d"] and [r["rank"] for r in got] == ["0", "0", "1", "1"]
+    assert got[3]["local_acc"] == "" and got[3]["main_on_local_acc"] == "0.75" and got[1]["samples"] == "4"
 
 
 FULL_DISK_WRITER = """
 import resource, sys
 from pathlib import Path
 from fedmpi.errors import OutputError
+from fedmpi.output.summary import summary
 from fedmpi.output.metrics import write_atomic
 path = Path(sys.argv[1])
 write_atomic(path, "old\\n")
@@ -157,14 +167,9 @@ def test_a_planted_temp_symlink_is_replaced_not_followed(tmp_path):
     assert target.read_text() == "keep\n" and path.read_text() == "new\n" and not path.is_symlink()
 
 
-def test_summarize_ignores_nan():
-    assert summarize("a", np.array([0.5, np.nan, 1.0])) == {"a_mean": 0.75, "a_min": 0.5, "a_max": 1.0}
-    assert summarize("a", np.array([np.nan]))["a_mean"] is None
-
-
 def one_rank(local_acc):
-    nodes = [dict(node=k, rank=0, samples=4, local_acc=a, main_on_local_acc=a) for k, a in enumerate(local_acc)]
-    return [dict(t_train=0.5, t_collective=0.01, nodes=nodes)]
+    s = summary(np.array(local_acc))
+    return [dict(t_train=0.5, t_collective=0.01, nodes=len(local_acc), local=s, main_on_local=s)]
 
 
 def test_the_console_line_shows_a_dash_when_no_local_split_was_scored():

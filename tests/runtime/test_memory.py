@@ -21,8 +21,12 @@ def test_human_sizes():
 
 def test_prepare_peak_by_hand():
     mib = 1 << 20  # prepare's own bookkeeping
-    # synthetic: 100,000 images drawn through float64 (24 B a pixel) plus their int64 labels
-    assert memory.prepare_peak("synthetic", 100, 1000, 100)[0] == mib + 100_000 * (24 * 784 + 8)
+    # synthetic: 100,000 images and labels held, while one block of 65,536 is drawn through float64 (16 B a pixel)
+    assert memory.prepare_peak("synthetic", 100, 1000, 100)[0] == mib + 100_000 * (784 + 8) + 65_536 * 16 * 784
+    # synthetic_shape 1x8x8, a million nodes of 12 + 2: the gathered rows and the file's image dominate
+    rows = 10**6 * 14
+    assert (memory.prepare_peak("synthetic", 10**6, 12, 2, 64)[0]
+            == mib + (12 * 10**6 + 1000) * 72 + rows * 104 + (rows + 1000) * 72 * 9 // 8)
     # mnist: 70,000 raw images and labels, then 100 x (450 + 90) gathered rows of 784 + 40 B, then the
     # file's image: those rows and the 10,000 test images once more, 784 + 8 B each, and an eighth of slack
     assert (memory.prepare_peak("mnist", 100, 450, 90)[0] == mib + 70_000 * 792 + 54_000 * 824 + 64_000 * 792 * 9 // 8
@@ -33,7 +37,8 @@ def test_prepare_peak_by_hand():
     assert (memory.prepare_peak("fashion-mnist", 10**4, 6, 10**6)[0]
             == mib + 70_000 * 792 + rows * 824 + (rows + 10_000) * 792 * 9 // 8)
     peak, how = memory.prepare_peak("synthetic", 10**6, 10**6, 0)
-    assert peak == mib + 10**12 * 18824 and "1,000,000,000,000 synthetic images" in how
+    assert peak == mib + 10**12 * 792 + 10**12 * 824 + 10**12 * 792 * 9 // 8 + 1000 * 792 * 9 // 8 + 1000 * 792
+    assert "1,000,000,000,000 synthetic images" in how
 
 
 @pytest.mark.parametrize("partition", ["balanced", "dirichlet"])
@@ -79,6 +84,14 @@ def test_a_ranks_parts_and_peak_by_hand_on_a_cpu():
                      "centralized baseline": 45000 * row + 4 * 199210 * 4}
     # the baseline's copy of every shard is freed before the chunks are trained: the larger of the two counts
     assert memory.peak(parts) == 88_380_000 + 17_676_000 + 39_280_000 + 39_842_000 + 179_947_360
+
+
+def test_a_stateless_rank_holds_no_momentum():
+    """local_state reset, or momentum 0: no [nodes, P] buffer; the chunks' own buffers stay counted."""
+    stateless = Work(**{**WORK.__dict__, "node_state": 0})
+    parts = memory.rank_parts(ROWS, stateless, gpu=False)
+    assert parts["momentum"] == 0 and parts["chunk working set"] == 2 * 58_358_400
+    assert memory.peak(memory.rank_parts(ROWS, WORK, gpu=False)) - memory.peak(parts) == 50 * 199210 * 4
 
 
 def test_on_a_gpu_the_images_are_float32_there_and_uint8_on_the_host():
@@ -144,9 +157,9 @@ def test_prepare_refuses_what_cannot_fit_with_the_estimate(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         memory.check_prepare("synthetic", 100, 1000, 0)
     assert str(caught.value) == (
-        "config needs about 1.8 GiB to prepare the shard file (nodes x samples_per_node = 100,000 synthetic images "
-        "of 784 px, drawn in float64 at 18,816 B each), this machine has 1.0 MiB available; lower nodes or "
-        "samples_per_node")
+        "config needs about 860.5 MiB to prepare the shard file (nodes x samples_per_node = 100,000 synthetic images "
+        "of 784 px, drawn 65,536 at a time in float64 at 12,544 B each), this machine has 1.0 MiB available; lower "
+        "nodes or samples_per_node")
     monkeypatch.setattr(memory, "host_available", lambda: None)
     memory.check_prepare("synthetic", 100, 1000, 0)  # unknown: not refused
 

@@ -1,0 +1,55 @@
+"""Per-node state that lives across rounds: named [nodes, P] tensors, allocated only when a run needs them.
+
+Today's only entry is "momentum" (local SGD's buffer, kept with `local_state: keep` and `momentum > 0`).
+A stateless run (`local_state: reset`, or momentum 0, where a buffer never reaches the next round's
+math) holds no [nodes, P] tensor at all: each chunk trains from a zero buffer of its own, so a rank's
+memory does not grow with its node count. Algorithms with more per-node state (control variates,
+personal models) register another name; checkpoints, the abandoned-round undo and a diverged node's
+reset go through the store, so they follow whatever is registered.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import node_state_names
+
+
+class NodeState:
+    """Named per-node tensors [nodes, P] of one rank's block, in node order (dtype None: torch's default)."""
+
+    def __init__(self, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
+        self.nodes, self.size, self.device, self.dtype = nodes, size, device, dtype
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def register(self, name: str) -> torch.Tensor:
+        """Allocate the zero-filled tensor `name` (once; a second call returns the same one)."""
+        if name not in self.tensors:
+            self.tensors[name] = torch.zeros(self.nodes, self.size, device=self.device, dtype=self.dtype)
+        return self.tensors[name]
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor `name`, or None when this run keeps no such state."""
+        return self.tensors.get(name)
+
+    def rows(self, name: str, part: torch.Tensor) -> Optional[torch.Tensor]:
+        """A copy of the rows `part` (local indices) of `name`, or None when not kept."""
+        t = self.tensors.get(name)
+        return None if t is None else t.index_select(0, part.to(t.device))
+
+    def reset_row(self, k: int) -> None:
+        """Node k starts afresh (a diverged node): every kept tensor's row back to zero."""
+        for t in self.tensors.values():
+            t[k].zero_()
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.tensors)
+
+
+def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> NodeState:
+    """The store with every tensor this config keeps already registered."""
+    store = NodeState(nodes, size, device, dtype)
+    for name in node_state_names(cfg):
+        store.register(name)
+    return store
