@@ -109,6 +109,7 @@ class Watchdog:
     def start(self) -> "Watchdog":
         if self.rank == 0 and self.folder is not None:
             self._clear_leftovers()
+        self._arm()
         self._write_beat()
         self._thread.start()
         return self
@@ -117,6 +118,7 @@ class Watchdog:
         """A few per round: each writes the heartbeat (one small file) before the stage's work starts."""
         self.stage, self.round, self.last = stage, rnd, time.monotonic()
         if not self._closed.is_set():
+            self._arm()
             self._write_beat()
 
     def _run(self) -> None:
@@ -125,8 +127,7 @@ class Watchdog:
 
     def _check(self) -> None:
         """One round of the thread: re-arm the backstop, fire on a stall, write the heartbeat."""
-        if self.backstop:
-            faulthandler.dump_traceback_later(self.timeout + self.interval + BACKSTOP_S, exit=True)
+        self._arm()
         idle = time.monotonic() - self.last
         if idle >= self.timeout and self.waiting is None:
             self._fire(self.rank, describe(self.stage, self.round, None), idle)
@@ -135,6 +136,12 @@ class Watchdog:
             culprit = self._culprit(idle)
             if culprit is not None:
                 self._fire(*culprit)
+
+    def _arm(self) -> None:
+        """(Re)start the C timer. Armed at the start and at each stage change too, on the calling thread:
+        a job may block in C before this thread's first check."""
+        if self.backstop:
+            faulthandler.dump_traceback_later(self.timeout + self.interval + BACKSTOP_S, exit=True)
 
     def beat(self) -> Beat:
         """This rank's heartbeat now."""
