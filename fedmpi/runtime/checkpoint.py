@@ -34,8 +34,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is c
     import torch
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
-FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir", "tensorboard",
-             "stall_timeout_s")
+FREE_KEYS = ("rounds", "eval_every", "dp_epsilon_every", "device", "threads", "engine", "checkpoint_every", "data_dir",
+             "tensorboard", "stall_timeout_s")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
 META_KEYS = ("round", "identity", "node_files", "metrics")
 META_MAX_BYTES = 64 << 20  # about 90,000 rounds of metrics rows
@@ -70,7 +70,7 @@ def tensor_bytes(obj: Any) -> bytes:
 
 
 def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict, momentum: torch.Tensor,
-         first: int, rows: Optional[list]) -> None:
+         first: int, rows: Optional[list], extra: Optional[dict] = None) -> None:
     """Collective: every rank writes its nodes' state, rank 0 the rest, then rank 0 swaps it in."""
     tmp = run_dir / "checkpoint.tmp"
     name = f"nodes-{first}-{first + len(momentum)}.pt"
@@ -78,7 +78,7 @@ def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server:
         on_rank0(comm, lambda: _fresh_dir(tmp))
         names = on_every_rank(comm, lambda: _write(tmp / name, {"first": first, "momentum": momentum.cpu()}))
         state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
-        meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows}
+        meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows, **(extra or {})}
         on_rank0(comm, lambda: _swap_in(run_dir, tmp, state, meta))
     except FedmpiError:
         if comm.rank == 0:
