@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import signal
 import sys
@@ -196,7 +197,8 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     if st.privacy.dp and cfg.sampling == "poisson":  # the real number of participants is private
         row.update(nodes_selected=None, nodes_dropped=None)
     if dp.epsilon_due(st.privacy, rnd, cfg.rounds):
-        row["dp_epsilon"] = st.privacy.epsilon(rnd)
+        eps = st.privacy.epsilon(rnd)
+        row["dp_epsilon"] = eps if math.isfinite(eps) else None  # no noise: no guarantee (strict JSON has no inf)
     row["t_elapsed"] = time.perf_counter() - st.clock_zero
     return RoundResult(row, [n for r in per_rank for n in r["nodes"]], stop_all)
 

@@ -127,3 +127,18 @@ def test_a_checkpoint_with_a_hostile_clip_is_one_line_naming_its_file(small_data
     errors = [line for line in result.stderr.splitlines() if line.startswith("fedmpi: error")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "meta.json" in errors[0] and "'dp_clip' must be a finite number > 0" in errors[0]
+
+
+def test_each_update_is_clipped_before_the_sum_so_a_tiny_clip_holds_the_model_still(small_data, tmp_path):
+    from fedmpi.data.shards import read_attrs
+    from fedmpi.engine.models import build_model
+
+    args = ["run", "--set", *SMALL, small_data, "dp=gaussian", "dp_noise_multiplier=0", "dp_clip=1e-4",
+            "--out", str(tmp_path / "r")]
+    assert fedmpi(args, ranks=2, timeout=300).returncode == 0
+    attrs = read_attrs(small_data.partition("=")[2])
+    start = build_model("2nn", tuple(attrs["input_shape"]), int(attrs["classes"]), 0).state_dict()
+    moved = torch.cat([(w - start[name]).flatten() for name, w in model(tmp_path / "r").items()])
+    # 3 rounds, each moving by the mean of 8 updates of norm <= 1e-4 (server_lr 1): unclipped, they move ~0.1
+    assert 0 < torch.linalg.vector_norm(moved.double()) <= 3e-4 * (1 + 1e-4)
+    assert read_metrics(tmp_path / "r")[0]["dp_clipped_share"] == 1.0
