@@ -238,7 +238,8 @@ def reduce(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: np.
         buf = update.pack(dropped, vote, unclipped)
         t_mask = secure.masked(st.masks, buf, rnd)
         timing = comm.allreduce_sum(buf)
-        return (buf, timing, lambda n: secure.decoded_sum(buf, update.fixed, n), secure.counts(buf, st.privacy.bits),
+        totals = secure.counts(buf, st.privacy.bits, len(selected), comm.size)
+        return (buf, timing, lambda n: secure.decoded_sum(buf, update.fixed, n), totals,
                 dict(secagg_t_mask=t_mask, secagg_bytes=buf.nbytes))
     w = wire(st)
     # DP divides by the fixed denominator W; fp16/bf16 carry the sum pre-divided by it (or the round's weight)

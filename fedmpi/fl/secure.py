@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import FedmpiError
 from .aggregate import INTERRUPTED
 from .ring import FixedPoint, from_ring, to_ring
 from .secagg import PairwiseMasks
@@ -53,9 +54,20 @@ class RingSum:
         return self.buf
 
 
-def counts(reduced: np.ndarray, bits: int) -> tuple[int, int, bool, bool]:
-    """(dropped, unclipped, any rank voted to stop, some rank was interrupted) from the all-reduced buffer."""
+class MaskError(FedmpiError):
+    """The masks did not cancel: some rank masked with other keys (or another round)."""
+
+
+def counts(reduced: np.ndarray, bits: int, selected: int = 1 << 62, ranks: int = 1 << 62) -> tuple:
+    """(dropped, unclipped, any rank voted to stop, some rank was interrupted) from the all-reduced buffer.
+
+    Masks that did not cancel leave the counts uniform over the ring: counts beyond the round's
+    `selected` nodes or the job's `ranks` are refused (every rank sees the same sum and ends alike).
+    """
     dropped, unclipped, stop, interrupted = (int(v) for v in from_ring(reduced[-TAIL:], bits))
+    if not (0 <= dropped <= selected and 0 <= unclipped <= selected - dropped and 0 <= interrupted <= stop <= ranks):
+        raise MaskError("secure aggregation: the masked sum does not decode (its counts are out of range): the "
+                        "ranks' masks did not cancel; the last checkpoint is kept")
     return dropped, unclipped, stop > 0, interrupted > 0
 
 

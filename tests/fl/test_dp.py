@@ -105,3 +105,17 @@ def test_the_ring_sums_trailer_counts_and_stop_votes_exactly():
     assert secure.counts(total, 64) == (1, 1, True, True)
     assert torch.allclose(secure.decoded_sum(total, fixed, 2), torch.tensor([0.85, 0.3]))
     assert secure.counts(a.pack(0, 1.0, 0) + b.pack(0, 0.0, 0), 64)[2:] == (True, False)
+
+
+def test_masks_that_do_not_cancel_end_the_job_with_one_line_instead_of_a_garbage_model():
+    from fedmpi.fl.secagg import PairwiseMasks
+
+    fixed = FixedPoint(1.0, 4, 64)
+    right = [PairwiseMasks(r, 3, {j: bytes([min(r, j), max(r, j)]) * 16 for j in range(3) if j != r}) for r in range(3)]
+    wrong = PairwiseMasks(2, 3, {0: bytes(32), 1: bytes([1, 2]) * 16})  # rank 2 holds another key for pair (0, 2)
+    bufs = [secure.RingSum(torch.zeros(5), fixed).pack(0, 0.0, 1) for _ in range(3)]
+    good = sum(m.mask_into(b.copy(), 7) for m, b in zip(right, bufs))
+    assert secure.counts(good, 64, selected=4, ranks=3) == (0, 3, False, False)
+    bad = right[0].mask_into(bufs[0].copy(), 7) + right[1].mask_into(bufs[1].copy(), 7) + wrong.mask_into(bufs[2], 7)
+    with pytest.raises(secure.MaskError, match="masks did not cancel"):
+        secure.counts(bad, 64, selected=4, ranks=3)
