@@ -41,9 +41,13 @@ UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
 LOCAL_STATES = ("keep", "reset")
+DP_MODES = ("none", "gaussian")
+SAMPLINGS = ("fixed", "poisson")
+DP_ACCOUNTANTS = ("rdp", "pld")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
-           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES}
+           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES,
+           "dp": DP_MODES, "sampling": SAMPLINGS, "dp_accountant": DP_ACCOUNTANTS}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
 # (Reddi et al. 2021 tune it near 10^-2 for Adam and Yogi on their image tasks).
@@ -78,6 +82,16 @@ BOUNDS: dict[str, tuple] = {
     "server_beta2": (0.0, 1.0, False, True),
     "server_tau": (1e-12, 10.0, False, False),    # tau^2 must stay a normal float32
     "prox_mu": (0.0, 1000.0, False, False),
+    # Privacy (fl/dp.py); an Optional key left null skips its bounds.
+    "dp_clip": (1e-6, 1e6, False, False),          # the fixed-point ring needs 2^f * clip >= 1
+    "dp_noise_multiplier": (0.0, 1000.0, False, False),  # the accountant's solver range ends at 1000
+    "dp_target_epsilon": (0.0, 1e6, True, False),
+    "dp_delta": (0.0, 1.0, True, True),
+    "dp_clip_quantile": (0.0, 1.0, False, False),
+    "dp_clip_lr": (0.0, 10.0, False, False),       # exp(-10) per round already collapses any clip
+    "dp_clip_count_stddev": (0.0, 1e7, True, False),  # the released count must be noised
+    "dp_epsilon_every": (1, 10**7, False, False),
+    "secagg_bits": (32, 64, False, False),         # and one of 32, 64 (fl/ring.py)
 }
 MAX_TEXT = 4096  # characters of a string value (PATH_MAX), and of a --set value
 DIGITS = r"\d+(?:_\d+)*"
@@ -136,6 +150,20 @@ class Config:
     update_dtype: str = "fp32"
     algorithm: str = "fedavg"       # scaffold: SCAFFOLD's control variates (Karimireddy et al. 2020, option II)
     tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
+    # Differential privacy and secure aggregation (fl/dp.py, fl/secure.py; README "Differential privacy").
+    sampling: str = "fixed"         # fixed: m = C*N of N without replacement; poisson: each node with probability C
+    dp: str = "none"                # gaussian: DP-FedAvg (clip, server noise, fixed denominator)
+    dp_clip: float = 1.0            # L2 clip of each node's update (the start value with dp_clip_quantile)
+    dp_noise_multiplier: Optional[float] = None  # z: noise stddev z * dp_clip on the summed update
+    dp_target_epsilon: Optional[float] = None    # or: solve z for this epsilon after `rounds` rounds
+    dp_delta: Optional[float] = None             # null: 1 / nodes^1.1
+    dp_accountant: str = "rdp"
+    dp_clip_quantile: Optional[float] = None     # adaptive clipping's target quantile; null: fixed clip
+    dp_clip_lr: float = 0.2                      # eta_C of the geometric clip update
+    dp_clip_count_stddev: Optional[float] = None  # sigma_b; null: expected nodes per round / 20
+    dp_epsilon_every: int = 1       # rounds between epsilon computations (and the last round): PLD is slow
+    secure_aggregation: bool = False  # pairwise-masked integer sum across ranks
+    secagg_bits: int = 64           # the ring Z_2^bits of the masked sum: 64 or 32
 
     def __post_init__(self) -> None:
         if isinstance(self.synthetic_shape, (list, tuple)):  # YAML [1, 8, 8]: the same as "1x8x8"
@@ -152,9 +180,13 @@ class Config:
         if self.server_lr is None:
             object.__setattr__(self, "server_lr", SERVER_LR_DEFAULTS.get(self.server_opt, 1.0))
         for name, (low, high, low_open, high_open) in BOUNDS.items():
-            _check_range(name, getattr(self, name), low, high, low_open, high_open)
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), low, high, low_open, high_open)
         self._check_data_file()
         self._check_algorithm()
+        from .fl.dp import check_privacy_keys  # the privacy keys' combinations and defaults
+        for name, value in check_privacy_keys(self).items():
+            object.__setattr__(self, name, value)
         self._check_synthetic_shape()
 
     def _check_algorithm(self) -> None:
@@ -165,6 +197,9 @@ class Config:
         if self.algorithm == "scaffold" and self.local_state == "reset":
             raise ConfigError("config key 'algorithm': scaffold keeps per-node control variates across rounds; "
                               "it cannot run with local_state: reset")
+        if self.algorithm != "fedavg" and (self.dp != "none" or self.secure_aggregation):
+            # Their extra values (control deltas, step counts) would need their own clip, noise and ring.
+            raise ConfigError(f"config key 'algorithm': {self.algorithm} runs without dp and secure_aggregation")
         if self.algorithm == "fednova":
             # Its normalization counts plain SGD steps: a momentum buffer kept across rounds, a proximal
             # term or a pre-divided half-precision update would each need another rule.

@@ -20,11 +20,11 @@ from .engine.central import cache_path, central_baseline, load_cached
 from .engine.models import build_model
 from .engine.params import flatten
 from .errors import ConfigError
-from .fl import server
+from .fl import dp, secure, server
 from .fl.aggregate import node_weights
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory, watchdog
-from .runtime.agree import on_every_rank
+from .runtime.agree import on_every_rank, on_rank0
 from .runtime.comm import Comm, agreed
 from .runtime.device import configure_torch, pick_device, pick_threads, ranks_on_device
 
@@ -52,6 +52,8 @@ class Rank:
     clock_zero: float = 0.0       # perf_counter() reading at which the run's wall time (t_elapsed) was 0
     client_ids: Optional[list] = None  # each node's client id when the shard file has them, rank 0 only
     most_nodes: int = 1           # the largest rank's node count (the fp16/bf16 wire's dropped-count layout)
+    privacy: Optional[dp.Privacy] = None  # DP and secure aggregation: the same plan on every rank
+    masks: Optional[object] = None  # secure aggregation: this rank's pairwise masks (fl/secagg.py)
 
     @property
     def end(self) -> int:
@@ -120,6 +122,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     st.all_weights = node_weights(cfg.aggregation, np.diff(train_offsets))
     st.most_nodes = max(len(b) for b in blocks)
     st.server = server.from_config(cfg)
+    st.privacy, st.masks = plan_privacy(cfg, comm)
     if resumed is not None:
         on_every_rank(comm, lambda: restore(st, *resumed, mine.stop))
     if comm.rank == 0:
@@ -139,6 +142,17 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     announce(comm, f"{'resuming at' if st.done_rounds else 'starting'} round {st.done_rounds + 1} of {cfg.rounds}")
     watchdog.stage("set up")
     return st
+
+
+def plan_privacy(cfg: Config, comm) -> tuple:
+    """Collective: the privacy plan, solved on rank 0 (the noise solver takes seconds) and broadcast; an
+    unreachable dp_target_epsilon ends every rank with one line. Secure aggregation's key agreement."""
+    if cfg.dp == "gaussian" and cfg.dp_noise_multiplier is None:
+        watchdog.stage("solving the noise multiplier")
+    privacy = comm.bcast(on_rank0(comm, lambda: dp.plan(cfg)))
+    for note in privacy.notes:
+        announce(comm, f"fedmpi: {note}")
+    return privacy, secure.setup_masks(comm) if privacy.secure else None
 
 
 def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module, path: Path, mine: range,
@@ -188,4 +202,8 @@ def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
     for key, tensor in nodes.items():
         tensor.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, tensor, key, len(nodes)).to(st.device))
     st.done_rounds = meta["round"]
+    try:
+        dp.resume(st.privacy, meta)
+    except ValueError as err:
+        raise checkpoint.CheckpointError(f"checkpoint file {folder / 'meta.json'} is corrupt: {err}") from None
     st.rows = list(meta.get("metrics") or []) if st.comm.rank == 0 else None

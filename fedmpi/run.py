@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import signal
 import sys
@@ -19,10 +20,22 @@ from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
 from .engine.params import load_flat
 from .errors import FedmpiError
-from .fl.aggregate import INTERRUPTED, UpdateSum, Wire, extra_sum, round_abandoned, summed_update, trailer
+from .fl import dp, secure
+from .fl.aggregate import (
+    INTERRUPTED,
+    UpdateSum,
+    Wire,
+    extra_sum,
+    round_abandoned,
+    summed_total,
+    summed_update,
+    trailer,
+    unclipped_count,
+)
 from .fl.algorithms import fednova_rows, fednova_scale, scaffold_server_control
 from .fl.compress import payload_bytes
-from .fl.sampling import local_selection, select_nodes
+from .fl.ring import FixedPoint
+from .fl.sampling import local_selection
 from .output import tensorboard
 from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_atomic, write_nodes_csv
 from .output.summary import summary
@@ -96,17 +109,31 @@ def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> 
     try:
         with stop.interruptible():
             faults.maybe_inject(st.comm.rank, rnd, "training")
-            update, local_acc, dropped, t_train = train_local(st, rnd, rows, tick)
+            update, local_acc, dropped, unclipped, t_train = train_local(st, rnd, rows, tick)
     except Interrupted:
-        return UpdateSum(st.main, extra_values(st)), None, 0, 0.0, True
-    return update, local_acc, dropped, t_train, False
+        return new_sum(st), None, 0, 0, 0.0, True
+    return update, local_acc, dropped, unclipped, t_train, False
 
 
-def train_local(st: Rank, rnd: int, rows: np.ndarray,
-                tick: Optional[Callable[[], None]] = None) -> tuple[UpdateSum, np.ndarray, int, float]:
-    """Train this rank's selected nodes (local indices `rows`, ascending); returns their summed update,
-    their local-model accuracies (aligned with `rows`; NaN for a dropped node), dropped count, seconds."""
-    update, local_acc, dropped = UpdateSum(st.main, extra_values(st)), np.full(len(rows), np.nan), 0
+def new_sum(st: Rank):
+    """The round's accumulator: float updates (UpdateSum), or fixed-point ones in the ring (secure aggregation)."""
+    if st.privacy.secure:
+        return secure.RingSum(st.main, FixedPoint(st.privacy.clip, dp.max_round_nodes(st.cfg), st.privacy.bits))
+    return UpdateSum(st.main, wire(st))
+
+
+def wire(st: Rank) -> Wire:
+    """How this rank's buffer travels: dtype, the fp16/bf16 count layout, SCAFFOLD/FedNova's extra values,
+    DP's count inside the clip."""
+    return Wire(st.cfg.update_dtype, st.comm.size, st.comm.rank, st.most_nodes, extra_values(st),
+                unclipped=st.privacy.clipping)
+
+
+def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[], None]] = None) -> tuple:
+    """Train this rank's selected nodes (local indices `rows`, ascending); returns their summed (clipped)
+    update, their local-model accuracies (aligned with `rows`; NaN for a dropped node), dropped count,
+    count inside the clip, seconds."""
+    update, local_acc, dropped, unclipped = new_sum(st), np.full(len(rows), np.nan), 0, 0
     lx, ly, loffsets = st.local_test
     chunks, t_train = st.engine.train(st.main, rnd, rows, tick), 0.0
     while True:
@@ -114,7 +141,7 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
         chunk = next(chunks, None)
         t_train += sync(st.device) - t0
         if chunk is None:
-            return update, local_acc, dropped, t_train
+            return update, local_acc, dropped, unclipped, t_train
         ks = np.array([n - st.first for n in chunk.nodes])
         at = np.searchsorted(rows, ks)
         for row, node in enumerate(chunk.nodes):
@@ -128,12 +155,19 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray,
         finite_host = finite.cpu().numpy()
         local_acc[at[~finite_host]] = np.nan  # a dropped node has no local model to score
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
+        kept, scale = chunk.params[finite], None
+        if st.privacy.clipping:  # DP-FedAvg: each node's update projected onto the clip ball before the sum
+            scale, inside = dp.clip_rows(st.privacy, kept - st.main)
+            unclipped += inside
         weights, tally = st.weights[ks[finite_host]], None
         extra = None if chunk.control_delta is None else chunk.control_delta[finite]
         if st.cfg.algorithm == "fednova":
             weights, tally, extra = fednova_rows(weights, st.samples[ks[finite_host]], st.cfg.local_epochs,
                                                  st.cfg.batch_size)
-        update.add(chunk.params[finite], weights, extra, tally)
+        if extra is None and tally is None:
+            update.add(kept, weights, scale=scale)
+        else:
+            update.add(kept, weights, extra, tally)
         progress(st, ks[-1] + 1)
 
 
@@ -153,18 +187,19 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     t0, cfg = time.perf_counter(), st.cfg
     # 1. select: no message; every rank holds the main model after the last Allreduce and
     #    computes the round's node selection itself (seeded by round, not by rank).
-    selected = select_nodes(cfg.nodes, cfg.fraction, cfg.seed, rnd)
+    selected = dp.select(cfg, rnd)
     rows = local_selection(selected, st.first, st.end) - st.first
     t_select = time.perf_counter() - t0
     # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
     #    interrupts it within a step, and the rank votes to abandon the round.
     undo = MomentumUndo(st, rows)
-    update, local_acc, dropped, t_train, interrupted = train_or_interrupt(st, rnd, rows, stop)
+    update, local_acc, dropped, unclipped, t_train, interrupted = train_or_interrupt(st, rnd, rows, stop)
     faults.maybe_inject(st.comm.rank, rnd)
     # 3. one Allreduce, then the server optimizer's step along the mean update; the stop vote: 1 for
     #    a signal that came after training (the round completes), INTERRUPTED for one during it.
     vote = INTERRUPTED if interrupted else float(stop.requested)
-    buf, timing, dropped_total, stop_all, abandoned = aggregate(st, rnd, update, dropped, vote, selected)
+    buf, timing, dropped_total, stop_all, abandoned, released = aggregate(st, rnd, update, (dropped, unclipped), vote,
+                                                                           selected)
     if abandoned:  # some rank's sum is incomplete: every rank drops the round; a resume reruns it
         undo.restore()
         return RoundResult(None, None, stop=True, complete=False)
@@ -186,7 +221,13 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
     row.update(t_select=t_select, t_gather=time.perf_counter() - t2,
                nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
-               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, t_elapsed=time.perf_counter() - st.clock_zero)
+               bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, **released)
+    if st.privacy.dp and cfg.sampling == "poisson":  # the real number of participants is private
+        row.update(nodes_selected=None, nodes_dropped=None)
+    if dp.epsilon_due(st.privacy, rnd, cfg.rounds):
+        eps = st.privacy.epsilon(rnd)
+        row["dp_epsilon"] = eps if math.isfinite(eps) else None  # no noise: no guarantee (strict JSON has no inf)
+    row["t_elapsed"] = time.perf_counter() - st.clock_zero
     return RoundResult(row, [r["block"] for r in per_rank] if listed else None, stop_all)
 
 
@@ -216,31 +257,62 @@ def nodes_round(cfg: Config, rnd: int) -> bool:
     return rnd % cfg.node_metrics_every == 0 or rnd == cfg.rounds
 
 
-def aggregate(st: Rank, rnd: int, update: UpdateSum, dropped: int, vote: float, selected: np.ndarray) -> tuple:
-    """Allreduce(SUM) of [updates, weight, dropped, stop votes] (a rank without selected nodes sends
-    zeros), then move the main model unless the round is abandoned; returns the buffer, timings,
-    dropped total, agreed stop, abandoned."""
-    cfg, comm = st.cfg, st.comm
-    wire = Wire(cfg.update_dtype, comm.size, comm.rank, st.most_nodes, extra_values(st))
-    buf = update.pack(dropped, vote, wire, float(st.all_weights[selected].sum()))
-    timing = comm.allreduce_sum(buf, None if cfg.update_dtype == "fp32" else cfg.update_dtype)
-    _, dropped_total, stop_all = trailer(buf, wire)
-    if round_abandoned(buf, wire):
-        return buf, timing, dropped_total, True, True
+def aggregate(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: np.ndarray) -> tuple:
+    """Allreduce(SUM) of [updates | extra | weight, dropped, (unclipped,) stop votes] (a rank without
+    selected nodes sends zeros; secure aggregation: the masked ring buffer), then move the main model
+    unless the round is abandoned; returns the buffer, timings, dropped total, agreed stop, abandoned,
+    and the round's privacy metrics."""
+    cfg = st.cfg
+    buf, timing, summed, (dropped_total, unclipped, stop_all, abandoned), released = reduce(st, rnd, update, counts,
+                                                                                            vote, selected)
+    if abandoned:
+        return buf, timing, dropped_total, True, True, released
     if dropped_total > cfg.max_dropped_fraction * len(selected):
         raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
                             f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
-    if dropped_total < len(selected):
-        update_sum, scale = summed_update(buf, wire)
-        if cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
-            scale = fednova_scale(trailer(buf, wire)[0], float(extra_sum(buf, wire)[0]))
-        st.main = st.server.step(st.main, update_sum, scale)
-        if cfg.algorithm == "scaffold":  # SCAFFOLD: c += (|S| / N) * the mean control delta
-            scaffold_server_control(st.engine.server_control, extra_sum(buf, wire), cfg.nodes)
-    elif comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node: nothing to average
+    participants = len(selected) - dropped_total
+    if st.privacy.clipping:  # noise, the fixed denominator and the clip's next value (fl/dp.py)
+        mean, row = dp.release(st.privacy, summed(participants), participants, unclipped, cfg.seed, rnd)
+        released.update(row)
+        if mean is not None:
+            st.main = st.server.step(st.main, mean)
+    elif participants > 0:
+        server_step(st, buf, wire(st))
+    elif len(selected) and st.comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node
         print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "
               f"optimizer stay as they were", file=sys.stderr, flush=True)
-    return buf, timing, dropped_total, stop_all, False
+    return buf, timing, dropped_total, stop_all, False, released
+
+
+def server_step(st: Rank, buf: np.ndarray, w: Wire) -> None:
+    """The server optimizer's step along the mean update; FedNova rescales it, SCAFFOLD moves c too."""
+    update_sum, scale = summed_update(buf, w)
+    if st.cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
+        scale = fednova_scale(trailer(buf, w)[0], float(extra_sum(buf, w)[0]))
+    st.main = st.server.step(st.main, update_sum, scale)
+    if st.cfg.algorithm == "scaffold":  # SCAFFOLD: c += (|S| / N) * the mean control delta
+        scaffold_server_control(st.engine.server_control, extra_sum(buf, w), st.cfg.nodes)
+
+
+def reduce(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: np.ndarray) -> tuple:
+    """The round's one Allreduce; returns the buffer, timing, sum(participants) -> summed update, the
+    all-reduced (dropped, unclipped, stop, abandoned), and secure aggregation's metrics."""
+    comm, dropped, unclipped = st.comm, *counts
+    if st.privacy.secure:
+        buf = update.pack(dropped, vote, unclipped)
+        t_mask = secure.masked(st.masks, buf, rnd)
+        timing = comm.allreduce_sum(buf)
+        totals = secure.counts(buf, st.privacy.bits, len(selected), comm.size)
+        return (buf, timing, lambda n: secure.decoded_sum(buf, update.fixed, n), totals,
+                dict(secagg_t_mask=t_mask, secagg_bytes=buf.nbytes))
+    w = wire(st)
+    # DP divides by the fixed denominator W; fp16/bf16 carry the sum pre-divided by it (or the round's weight)
+    round_weight = st.privacy.expected_nodes if st.privacy.dp else float(st.all_weights[selected].sum()) or 1.0
+    buf = update.pack(dropped, vote, w, round_weight, unclipped)
+    timing = comm.allreduce_sum(buf, None if st.cfg.update_dtype == "fp32" else st.cfg.update_dtype)
+    _, dropped_total, stop_all = trailer(buf, w)
+    totals = (dropped_total, unclipped_count(buf, w) if w.unclipped else 0, stop_all, round_abandoned(buf, w))
+    return buf, timing, lambda n: summed_total(buf, w, round_weight), totals, {}
 
 
 def progress(st: Rank, done: int) -> None:
@@ -255,7 +327,7 @@ def run_info(st: Rank, ranks: list) -> dict:
                 torch_version=torch.__version__, python=platform.python_version(),
                 hosts=sorted({r["host"] for r in ranks}), nodes_per_rank=[r["nodes"] for r in ranks],
                 devices=[r["device"] for r in ranks], threads_per_rank=[r["threads"] for r in ranks],
-                resumed_from_round=st.done_rounds)
+                resumed_from_round=st.done_rounds, **st.privacy.record())
 
 
 def rank_info(st: Rank) -> dict:
@@ -320,6 +392,8 @@ def run(cfg: Config, run_dir: Path, comm, resumed: Optional[tuple] = None) -> in
     stop.settle()  # from here on a signal changes nothing: the exit code stays what was decided
     if code == 0:
         on_rank0(comm, lambda: save_model(st, run_dir / "model.pt"))
+        if st.privacy.dp:
+            on_rank0(comm, lambda: final_epsilon(st, run_dir / "run.json"))
     watch.close()
     if code == checkpoint.STOP_EXIT_CODE:
         comm.finish(code)  # all written and flushed: leave now, not after seconds of teardown
@@ -343,7 +417,7 @@ def run_rounds(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], board: 
 def save_checkpoint(st: Rank, run_dir: Path, rnd: int) -> None:
     watchdog.stage("writing the checkpoint", rnd)
     checkpoint.save(run_dir, st.comm, st.cfg, rnd, st.main, st.server.state(), st.engine.state(),
-                    st.first, st.end, st.rows, getattr(st.engine, "server_control", None))
+                    st.first, st.end, st.rows, getattr(st.engine, "server_control", None), dp.saved_state(st.privacy))
 
 
 def stop_job(st: Rank, run_dir: Path, stop: StopFlag, done: int, complete: bool) -> int:
@@ -355,6 +429,13 @@ def stop_job(st: Rank, run_dir: Path, stop: StopFlag, done: int, complete: bool)
         print(f"stopped {by} {when}; checkpoint of round {done} in {run_dir}/checkpoint; "
               f"continue with: fedmpi run --resume {run_dir}", flush=True)
     return checkpoint.STOP_EXIT_CODE
+
+
+def final_epsilon(st: Rank, path: Path) -> None:
+    """run.json gains the epsilon after the last round (rank 0, at the end of a complete run)."""
+    info = json.loads(path.read_text())
+    info["dp_epsilon"] = st.rows[-1].get("dp_epsilon") if st.rows else None
+    write_atomic(path, json.dumps(info, indent=2) + "\n")
 
 
 def save_model(st: Rank, path: Path) -> None:

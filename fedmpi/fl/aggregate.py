@@ -37,7 +37,7 @@ def node_weights(aggregation: str, samples: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
-TRAILER = 3  # fp32: weight, dropped, stop
+TRAILER = 3  # fp32: weight, dropped, stop (plus the unclipped count before stop when clipping)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Wire:
     rank: int = 0
     most_nodes: int = 1
     extra: int = 0  # values between the update and the trailer (SCAFFOLD: the control-variate deltas, fp32 only)
+    unclipped: bool = False  # DP: a second exact count, the nodes inside the clip, before the stop vote
 
     @property
     def code(self) -> CountCode:
@@ -57,8 +58,10 @@ class Wire:
 
     @property
     def tail(self) -> int:
-        """Values after the update: fp32 [weight, dropped, stop]; fp16/bf16 [share, count slots, stop]."""
-        return TRAILER if self.dtype == "fp32" else 2 + self.code.slots
+        """Values after the update: fp32 [weight, dropped, (unclipped,) stop]; fp16/bf16 [share, count
+        slots, (unclipped count slots,) stop]."""
+        counts = 2 if self.unclipped else 1
+        return TRAILER - 1 + counts if self.dtype == "fp32" else 2 + counts * self.code.slots
 
 
 FP32 = Wire()
@@ -74,10 +77,11 @@ class UpdateSum:
     bit.
     """
 
-    def __init__(self, main: torch.Tensor, extra: int = 0) -> None:
+    def __init__(self, main: torch.Tensor, wire: Wire = FP32) -> None:
         self.main = main
-        size, on_gpu = main.numel(), main.device.type == "cuda"
-        self.payload = torch.zeros(size + extra + TRAILER, dtype=torch.float32, pin_memory=on_gpu)
+        size, extra, on_gpu = main.numel(), wire.extra, main.device.type == "cuda"
+        self.payload = torch.zeros(size + extra + (wire.tail if wire.dtype == "fp32" else TRAILER),
+                                   dtype=torch.float32, pin_memory=on_gpu)
         self.total = torch.zeros(size, dtype=torch.float32, device=main.device) if on_gpu else self.payload[:size]
         # Unweighted sum of extra rows (SCAFFOLD's control deltas), after the update in the same payload.
         self.extra = (torch.zeros(extra, dtype=torch.float32, device=main.device) if on_gpu
@@ -85,17 +89,21 @@ class UpdateSum:
         self.weight = 0.0
 
     def add(self, params: torch.Tensor, weights: np.ndarray, extra_rows: Optional[torch.Tensor] = None,
-            tally: Optional[np.ndarray] = None) -> None:
-        """Add rows params[j] with weights[j] (params: [k, P]), and the rows of `extra_rows` unweighted;
-        the trailer's weight counts `tally` (default: `weights`; FedNova weights its updates otherwise)."""
+            tally: Optional[np.ndarray] = None, scale: Optional[torch.Tensor] = None) -> None:
+        """Add rows params[j] with weights[j] (params: [k, P]), each also times scale[j] (its clip factor)
+        when given, and the rows of `extra_rows` unweighted; the trailer's weight counts `tally`
+        (default: `weights`; FedNova weights its updates otherwise)."""
         if len(weights):
             w = torch.as_tensor(weights, dtype=torch.float32, device=params.device)
+            if scale is not None:
+                w = w * scale.to(w.device, torch.float32)
             self.total.addmv_((params.float() - self.main.float()).t(), w)
             self.weight += float(np.sum(weights if tally is None else tally))
         if extra_rows is not None and len(extra_rows):
             self.extra.add_(extra_rows.float().sum(0).to(self.extra.device))
 
-    def pack(self, dropped: int = 0, stop: float = 0.0, wire: Wire = FP32, round_weight: float = 1.0) -> np.ndarray:
+    def pack(self, dropped: int = 0, stop: float = 0.0, wire: Wire = FP32, round_weight: float = 1.0,
+             unclipped: int = 0) -> np.ndarray:
         """The collective's payload: the updates, then the trailer (`Wire.tail` values).
 
         fp32: the payload itself (the Allreduce sums it in place), divided after the Allreduce.
@@ -109,11 +117,14 @@ class UpdateSum:
                 self.payload[:size].copy_(self.total)
                 self.payload[size:size + len(self.extra)].copy_(self.extra)
             buf = self.payload.numpy()
-            buf[size + len(self.extra):] = (self.weight, dropped, float(stop))
+            counts = (dropped, unclipped) if wire.unclipped else (dropped,)
+            buf[size + len(self.extra):] = (self.weight, *counts, float(stop))
             return buf
         if len(self.extra):
             raise ValueError("extra values travel only in fp32")
         count = encode_count(dropped, wire.rank, wire.code)
+        if wire.unclipped:
+            count = np.concatenate([count, encode_count(unclipped, wire.rank, wire.code)])
         tail = torch.from_numpy(np.concatenate([[self.weight / round_weight], count, [float(stop)]]))
         return encode(torch.cat([self.total.double() / round_weight, tail.to(self.total.device)]), wire.dtype)
 
@@ -129,10 +140,18 @@ def trailer(reduced: np.ndarray, wire: Wire = FP32) -> tuple[float, int, bool]:
     Compressed buffers carry the weight as the share of the round's weight that took part.
     """
     if wire.dtype == "fp32":
-        weight, dropped, stop = (float(v) for v in reduced[-TRAILER:])
+        weight, dropped, stop = (float(v) for v in reduced[[-wire.tail, 1 - wire.tail, -1]])
         return weight, int(round(dropped)), stop > 0
     values = decode(reduced[-wire.tail:], wire.dtype).numpy()
-    return float(values[0]), decode_count(values[1:-1], wire.code), bool(values[-1] > 0)
+    return float(values[0]), decode_count(values[1:1 + wire.code.slots], wire.code), bool(values[-1] > 0)
+
+
+def unclipped_count(reduced: np.ndarray, wire: Wire) -> int:
+    """The all-reduced count of nodes inside the clip (a Wire with `unclipped`)."""
+    if wire.dtype == "fp32":
+        return int(round(float(reduced[-2])))
+    slots = wire.code.slots
+    return decode_count(decode(reduced[-wire.tail:], wire.dtype).numpy()[1 + slots:1 + 2 * slots], wire.code)
 
 
 def round_abandoned(reduced: np.ndarray, wire: Wire = FP32) -> bool:
@@ -148,7 +167,7 @@ def summed_update(reduced: np.ndarray, wire: Wire = FP32) -> tuple[torch.Tensor,
     if weight <= 0:
         raise ValueError("no node contributed to this round (total weight is zero)")
     if wire.dtype == "fp32":
-        return torch.from_numpy(reduced[:len(reduced) - TRAILER - wire.extra]), 1.0 / weight
+        return torch.from_numpy(reduced[:len(reduced) - wire.tail - wire.extra]), 1.0 / weight
     # Pre-divided by the whole round's weight: rescale only when dropped nodes left a share out,
     # since the half-precision share itself carries rounding error.
     return decode(reduced[:-wire.tail], wire.dtype), (1.0 / weight if dropped else 1.0)
@@ -156,8 +175,16 @@ def summed_update(reduced: np.ndarray, wire: Wire = FP32) -> tuple[torch.Tensor,
 
 def extra_sum(reduced: np.ndarray, wire: Wire) -> torch.Tensor:
     """The all-reduced extra values (a view): fp32 [update | extra | trailer]."""
-    end = len(reduced) - TRAILER
+    end = len(reduced) - wire.tail
     return torch.from_numpy(reduced[end - wire.extra:end])
+
+
+def summed_total(reduced: np.ndarray, wire: Wire, round_weight: float) -> torch.Tensor:
+    """The all-reduced sum of the weighted updates itself: fp32 a view; fp16/bf16 decoded and times the
+    round weight `pack` divided by."""
+    if wire.dtype == "fp32":
+        return torch.from_numpy(reduced[:len(reduced) - wire.tail - wire.extra])
+    return decode(reduced[:-wire.tail], wire.dtype) * round_weight
 
 
 def apply_update(main: torch.Tensor, reduced: np.ndarray) -> torch.Tensor:

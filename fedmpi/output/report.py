@@ -2,7 +2,8 @@
 
 Reads only what a run wrote (metrics.jsonl, run.json, config.yaml), so it works on a finished run,
 a run still going, or one copied off a cluster. Writes report.md and accuracy.png, time.png, bytes.png,
-accuracy_vs_bytes.png, and labels.png (per-node label histograms) when the run's shard file is at hand.
+accuracy_vs_bytes.png, accuracy_vs_epsilon.png (DP runs), and labels.png (per-node label histograms)
+when the run's shard file is at hand.
 """
 from __future__ import annotations
 
@@ -208,6 +209,38 @@ def plot_accuracy_vs_bytes(runs: list[Run], path: Path) -> None:
     _save(fig, path)
 
 
+def epsilon_points(run: Run) -> list[tuple[float, float]]:
+    """(epsilon, test accuracy) of the rounds that report both, finite numbers only."""
+    points = []
+    for row in run.rows:
+        eps, acc = row.get("dp_epsilon"), row.get("test_acc")
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (eps, acc)):
+            points.append((float(eps), float(acc)))
+    return points
+
+
+def plot_accuracy_vs_epsilon(runs: list[Run], path: Path) -> None:
+    """Test accuracy against epsilon spent so far (DP runs); a run without DP as a dashed line at its last accuracy."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        points = epsilon_points(run)
+        if points:
+            z = run.info.get("dp_noise_multiplier")
+            ax.plot(*zip(*points), "o-", color=f"C{i}", ms=3,
+                    label=f"{run.label}" + (f", z = {z:.3g}" if isinstance(z, (int, float)) else ""))
+            continue
+        scored = [r["test_acc"] for r in run.rows if isinstance(r.get("test_acc"), (int, float))]
+        if scored:
+            ax.axhline(scored[-1], color=f"C{i}", ls="--", label=f"{run.label}, no DP (epsilon = inf)")
+    delta = next((r.info.get("dp_delta") for r in runs if isinstance(r.info.get("dp_delta"), float)), None)
+    ax.set(xlabel="epsilon so far" + (f" (delta = {delta:.2g})" if delta else ""), ylabel="test accuracy",
+           title="Accuracy against privacy spent")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 def node_labels(run: Run) -> Optional[Any]:
     """[nodes, classes] label counts from the run's shard file (checked whole first), or None when it is
     not at hand or too large to plot."""
@@ -284,6 +317,8 @@ def report(run_dirs: list[str], out: Optional[str] = None) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = {"accuracy.png": plot_accuracy, "time.png": plot_time, "bytes.png": plot_bytes,
                  "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}
+        if any(epsilon_points(run) for run in runs):
+            plots["accuracy_vs_epsilon.png"] = plot_accuracy_vs_epsilon
         for name, plot in plots.items():
             plot(runs, out_dir / name)
         if labels is not None:

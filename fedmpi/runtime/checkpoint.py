@@ -37,8 +37,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is c
     import torch
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
-FREE_KEYS = ("rounds", "eval_every", "device", "threads", "engine", "checkpoint_every", "data_dir", "tensorboard",
-             "stall_timeout_s", "node_metrics_every")
+FREE_KEYS = ("rounds", "eval_every", "dp_epsilon_every", "device", "threads", "engine", "checkpoint_every", "data_dir",
+             "tensorboard", "stall_timeout_s", "node_metrics_every")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
 META_KEYS = ("round", "identity", "node_files", "metrics")
 META_MAX_BYTES = 64 << 20  # about 90,000 rounds of metrics rows
@@ -74,9 +74,10 @@ def tensor_bytes(obj: Any) -> bytes:
 
 def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server: dict,
          node_state: dict[str, torch.Tensor], first: int, stop: int, rows: Optional[list],
-         control: Optional[torch.Tensor] = None) -> None:
+         control: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> None:
     """Collective: every rank writes its nodes' state (when the run keeps any), rank 0 the rest, then
-    rank 0 swaps it in. `control`: SCAFFOLD's server control variate c, kept in main.pt."""
+    rank 0 swaps it in. `control`: SCAFFOLD's server control variate c, kept in main.pt; `extra`: more
+    meta.json entries (the adaptive clip of DP)."""
     tmp = run_dir / "checkpoint.tmp"
     name = f"nodes-{first}-{stop}.pt"
     try:
@@ -87,7 +88,7 @@ def save(run_dir: Path, comm, cfg: Config, rnd: int, main: torch.Tensor, server:
         state = {"main": main.cpu(), "server": {k: v.cpu() for k, v in server.items()}}
         if control is not None:
             state["control"] = control.cpu()
-        meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows}
+        meta = {"round": rnd, "identity": identity(cfg), "node_files": names, "metrics": rows, **(extra or {})}
         on_rank0(comm, lambda: _swap_in(run_dir, tmp, state, meta))
     except FedmpiError:
         if comm.rank == 0:

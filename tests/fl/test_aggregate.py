@@ -2,7 +2,19 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.fl.aggregate import UpdateSum, Wire, apply_update, node_weights, summed_update, trailer, wire_bytes_estimate
+from fedmpi.fl.aggregate import (
+    INTERRUPTED,
+    UpdateSum,
+    Wire,
+    apply_update,
+    node_weights,
+    round_abandoned,
+    summed_total,
+    summed_update,
+    trailer,
+    unclipped_count,
+    wire_bytes_estimate,
+)
 from fedmpi.fl.compress import UNIT_ROUNDOFF, bf16_add_into, decode, fp16_add_into
 
 
@@ -135,3 +147,20 @@ def test_a_dropped_count_beyond_bf16s_exact_integers_reads_exactly_from_the_trai
 @pytest.mark.parametrize("ranks,expected", [(1, 0), (2, 1000), (4, 1500), (16, 1875)])
 def test_ring_wire_bytes_estimate(ranks, expected):
     assert wire_bytes_estimate(1000, ranks) == expected
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_the_unclipped_count_travels_exactly_before_the_stop_vote_which_stays_last(dtype):
+    """Three ranks with 300 nodes each (past bf16's exact integers): dropped 1 + 0 + 2, unclipped 250 + 299 + 7;
+    the clipped updates sum with their clip factors; rank 2's INTERRUPTED vote stays readable in the last slot."""
+    main = torch.zeros(2)
+    sums = [UpdateSum(main, Wire(dtype, 3, r, 300, unclipped=True)) for r in range(3)]
+    sums[0].add(torch.tensor([[3.0, 4.0]]), np.ones(1), scale=torch.tensor([0.5]))
+    wires = [Wire(dtype, 3, r, 300, unclipped=True) for r in range(3)]
+    bufs = [s.pack(d, 0.0, w, 4.0, u) for s, w, d, u in zip(sums, wires, (1, 0, 2), (250, 299, 7))]
+    reduced = bufs[0] + bufs[1] + bufs[2] if dtype == "fp32" else half_sum(bufs, dtype)
+    assert unclipped_count(reduced, wires[0]) == 556 and trailer(reduced, wires[0])[1:] == (3, False)
+    assert summed_total(reduced, wires[0], 4.0).tolist() == [1.5, 2.0]
+    bufs[2] = sums[2].pack(2, INTERRUPTED, wires[2], 4.0, 7)
+    reduced = bufs[0] + bufs[1] + bufs[2] if dtype == "fp32" else half_sum(bufs, dtype)
+    assert round_abandoned(reduced, wires[0]) and unclipped_count(reduced, wires[0]) == 556

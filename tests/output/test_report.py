@@ -46,6 +46,7 @@ def test_one_run_writes_table_and_plots_into_the_run_directory(run_dirs):
     for name in ("accuracy.png", "time.png", "bytes.png", "accuracy_vs_bytes.png", "labels.png"):
         image(run_dirs[2] / name)
         assert f"]({name})" in md
+    assert not (run_dirs[2] / "accuracy_vs_epsilon.png").exists()  # no DP run: no epsilon to plot against
 
 
 def test_label_plot_is_left_out_when_the_shard_file_is_gone(run_dirs, tmp_path):
@@ -106,3 +107,20 @@ def test_the_summary_gives_the_wall_time_and_the_time_in_rounds_apart(tmp_path):
     assert wall_time(rows) == 62.5 and wall_time([dict(round=1, t_round=2.0)]) is None  # rows from before t_elapsed
     older = summary_table([Run(tmp_path / "r", [dict(round=1, t_round=2.0)], {}, {})])[2]
     assert older.split("|")[6].strip() == "-"
+
+
+def test_a_dp_run_adds_accuracy_against_epsilon_beside_a_run_without_dp(run_dirs, small_data, tmp_path):
+    dp_dir = tmp_path / "dp"
+    result = fedmpi(["run", "--set", *SMALL, small_data, "dp=gaussian", "dp_noise_multiplier=1", "dp_clip=0.1",
+                     "--out", str(dp_dir)])
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "cmp"
+    assert report(str(dp_dir), str(run_dirs[1]), "--out", str(out)).returncode == 0
+    pixels = image(out / "accuracy_vs_epsilon.png")
+    assert "](accuracy_vs_epsilon.png)" in (out / "report.md").read_text()
+    with_line = report(str(dp_dir), "--out", str(tmp_path / "alone"))
+    assert with_line.returncode == 0
+    # the run without DP adds its dashed line: the two images differ
+    alone = image(tmp_path / "alone" / "accuracy_vs_epsilon.png")
+    assert alone.shape != pixels.shape or abs(alone - pixels).max() > 0
+
