@@ -58,9 +58,9 @@ def test_fednova_two_nodes_by_hand():
     main = torch.zeros(1)
     rows, tally, extra = fednova_rows(np.array([1.0, 3.0]), np.array([10, 40]), epochs=1, batch_size=10)
     assert list(rows) == [1.0, 0.75] and list(tally) == [1.0, 3.0] and extra.tolist() == [[13.0]]
-    update = UpdateSum(main, extra=1)
-    update.add(torch.tensor([[2.0], [4.0]]), rows, extra, tally)
     wire = Wire(extra=1)
+    update = UpdateSum(main, wire)
+    update.add(torch.tensor([[2.0], [4.0]]), rows, extra, tally)
     buf = update.pack(0, 0.0, wire)
     assert buf.tolist() == [5.0, 13.0, 4.0, 0.0, 0.0]  # [update | sum w tau | weight, dropped, stop]
     total, _ = summed_update(buf, wire)
