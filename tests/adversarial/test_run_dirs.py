@@ -47,7 +47,7 @@ def test_a_refused_resume_leaves_config_yaml_byte_identical_and_a_plain_resume_s
     before = snapshot(run_copy)
     result = fedmpi(["run", "--resume", str(run_copy), "--set", "lr=0.5", "rounds=3"], ranks=ranks)
     assert_refused(result, f"--resume {run_copy}: --set changes lr 0.01 -> 0.5, which the checkpoint depends on",
-                   "may change only rounds, eval_every, device, threads, engine, checkpoint_every, data_dir")
+                   "a resumed run may change only rounds, eval_every, ")
     assert snapshot(run_copy) == before
     result = fedmpi(["run", "--resume", str(run_copy)], ranks=ranks)
     assert result.returncode == 0, result.stderr
