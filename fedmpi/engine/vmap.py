@@ -29,13 +29,16 @@ class VmapKernel:
         self.loss_fn = loss_fn or partial(F.cross_entropy, reduction="none")
         self.names = [n for n, _ in model.named_parameters()]
         self.like = list(model.parameters())
+        # The threads copy this private template, never `model` itself: the round's scoring runs
+        # functional_call on `model` (swapping its parameters) while workers may still start up.
+        self._template = copy.deepcopy(model)
         self._local = threading.local()
 
     def _grads(self):
         """vmap(grad(loss)) over this thread's own copy of the model: functional_call swaps the
         module's parameters while it runs, so two threads must never share one module."""
         if not hasattr(self._local, "grads"):
-            model, per_row = copy.deepcopy(self.model), self.loss_fn
+            model, per_row = copy.deepcopy(self._template), self.loss_fn
 
             def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return (per_row(functional_call(model, params, (x,)), y) * w).sum()
