@@ -1,7 +1,7 @@
 """Benchmark: the tutorial round in fedmpi, pfl-research and Flower, interleaved on one machine.
 
     python tools/bench_peers.py [--rounds N] [--quick] [--peers pfl,flwr|none] [--models 2nn,cnn]
-                                [--device cpu|cuda] [--data-dir DIR] [--json OUT]
+                                [--device cpu|cuda] [--bf16] [--data-dir DIR] [--json OUT]
 
 Workload: 100 nodes x 450 MNIST training images (45 per digit) from fedmpi's own shard file, so every
 contender trains the same partition from the same initial weights; SGD lr 0.01 momentum 0.9, batch 32;
@@ -10,11 +10,12 @@ The 2nn (784-200-200-10) runs 10 local epochs per round; McMahan et al.'s CNN (`
 --cnn-epochs (default 1) so that a round stays affordable on 2 CPU cores.
 
 Contenders: fedmpi's CLI under mpirun (-n 2 x 1 thread, -n 1 x 2 threads, and -n 2 with `local_state:
-reset` when fedmpi's Config has that key), pfl-research 0.6.0 and Flower 1.42.0, each peer in its own
-virtual environment made on first use (tools/peers/venvs.py), each in the layouts of --pfl-layouts and
---flwr-layouts. All start at once; then the rounds run one contender at a time, A B C D in odd rounds and
-D C B A in even ones (tools/peers/pacing.py), so a slow spell of the shared machine hits all of them.
-s/round is the median over rounds 2+; ratios are medians of per-round pairs with fedmpi -n 2.
+reset` when fedmpi's Config has that key; with --bf16 also -n 2 with `autocast: bf16`), pfl-research
+0.6.0 and Flower 1.42.0, each peer in its own virtual environment made on first use (tools/peers/venvs.py),
+each in the layouts of --pfl-layouts and --flwr-layouts. All start at once; then the rounds run one
+contender at a time, A B C D in odd rounds and D C B A in even ones (tools/peers/pacing.py), so a slow
+spell of the shared machine hits all of them. s/round is the median over rounds 2+; ratios are medians
+of per-round pairs with fedmpi -n 2.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pfl-layouts", default=None, help="pfl PROCESSESxTHREADS list (default 1x1,1x2,2x1)")
     p.add_argument("--flwr-layouts", default=None, help="Flower WORKERSxCPUS list (default 2x1,1x2)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--bf16", action="store_true", help="add fedmpi -n 2 with autocast: bf16 (bfloat16 matmuls)")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FEDMPI_DATA", DEFAULT_DATA)),
                    help="MNIST IDX files (default $FEDMPI_DATA, else ../shared/data/mnist beside the checkout)")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedmpi-bench-peers"), help="shard file, runs, logs")
@@ -121,6 +123,8 @@ def lineup(args, w: contenders.Workload, pythons: dict, best: dict) -> list[cont
     out = [contenders.fedmpi(w, 2, 1), contenders.fedmpi(w, 1, 2)]
     if has_local_state():
         out.append(contenders.fedmpi(w, 2, 1, reset=True))
+    if args.bf16:
+        out.append(contenders.fedmpi(w, 2, 1, bf16=True))
     for peer, layouts in (("pfl", args.pfl_layouts), ("flwr", args.flwr_layouts)):
         if peer not in pythons:
             continue

@@ -1,6 +1,6 @@
 """Where one step of the batched 2nn kernel spends its time, on one thread.
 
-    python tools/profile_step.py [--nodes 17] [--batch 32] [--reps 300] [--autocast none|bf16]
+    python tools/profile_step.py [--nodes 17] [--batch 32] [--reps 300] [--autocast none|bf16] [--compare]
 
 Each part of MLPKernel's step (the batch-row gather, the three forward matmuls, softmax and
 cross-entropy, ReLU forward and backward, the weight-gradient matmuls into the momentum, the
@@ -9,7 +9,8 @@ a real step, in the kernel's order, and the whole step (MLPKernel._step + _updat
 beside them in the same repetition; the repetitions interleave all parts, so a slow spell of a
 shared machine hits every row. Python overhead is the whole step minus the sum of the parts.
 A bare bmm of the first layer's forward and weight-gradient shapes is timed in the same loop.
-Rows: median microseconds, share of the whole step, GFLOP/s for the matmuls.
+Rows: median microseconds, share of the whole step, GFLOP/s for the matmuls. --compare times only
+whole steps, float32 and bf16 matmuls alternating, and prints their ratio.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def parts(kernel, params, bufs, x, y, idx, weight, m: float, lr: float) -> dict:
     cd = kernel.dtype or x.dtype
     st = {}
     st["a0"] = x.index_select(0, idx.reshape(-1)).view(K, B, -1).to(cd)
-    ws = [params[2 * i].to(cd) for i in range(3)]
+    ws = kernel.shadows(params)
     bs = [params[2 * i + 1].to(cd).unsqueeze(1) for i in range(3)]
     acts = [st["a0"]]
     for i in range(3):
@@ -60,10 +61,7 @@ def parts(kernel, params, bufs, x, y, idx, weight, m: float, lr: float) -> dict:
     ones = torch.full((K, B, 1), -1.0)
 
     def wgrad(i):
-        if cd == x.dtype:
-            bufs[2 * i].baddbmm_(gs[2 - i].transpose(1, 2), acts[i], beta=m)
-        else:
-            bufs[2 * i].mul_(m).add_(torch.bmm(gs[2 - i].to(cd).transpose(1, 2), acts[i]))
+        bufs[2 * i].baddbmm_(gs[2 - i].transpose(1, 2), acts[i].to(x.dtype), beta=m)
 
     def ce():
         h = torch.softmax(acts[3].to(x.dtype), dim=2)
@@ -74,8 +72,6 @@ def parts(kernel, params, bufs, x, y, idx, weight, m: float, lr: float) -> dict:
     table = {
         "gather of the batch rows": (lambda: x.index_select(0, idx.reshape(-1)).view(K, B, -1).to(cd), 0),
     }
-    if cd != x.dtype:
-        table["cast of the weights"] = (lambda: [params[2 * i].to(cd) for i in range(3)], 0)
     for i in range(3):
         table[f"forward matmul {i + 1} ({dims[i][0]}->{dims[i][1]})"] = (
             lambda i=i: torch.baddbmm(bs[i], acts[i], ws[i].transpose(1, 2)), fl(i))
@@ -91,7 +87,37 @@ def parts(kernel, params, bufs, x, y, idx, weight, m: float, lr: float) -> dict:
     table["ReLU backward (x2)"] = (lambda: [torch.ops.aten.threshold_backward(gs[j].to(cd), acts[j], 0).float()
                                             for j in (1, 2)], 0)
     table["parameter pass (p -= lr buf)"] = (lambda: torch._foreach_add_(params, bufs, alpha=-lr), 0)
+    if ws[0] is not params[0]:
+        table["bfloat16 shadow refresh"] = (lambda: torch._foreach_copy_(ws, params[0::2]), 0)
     return table
+
+
+def whole_step(K: int, B: int, autocast: str, m: float, lr: float):
+    """A callable running one whole step (MLPKernel._step + _update, as MLPKernel.run's loop does)."""
+    kernel, params, bufs, x, y, idx, weight = setup(K, B, autocast)
+    weights, shadows = params[0::2], kernel.shadows(params)
+
+    def step():
+        kernel._step(params, bufs, x, y, idx, weight, None, m, shadows)
+        kernel._update(params, bufs, None, lr)
+        if shadows[0] is not weights[0]:
+            torch._foreach_copy_(shadows, weights)
+    return step
+
+
+def compare(K: int, B: int, reps: int) -> None:
+    """Whole steps in float32 and with bfloat16 matmuls, alternating in one loop: the ratio."""
+    steps = {mode: whole_step(K, B, mode, 0.9, 0.01) for mode in ("none", "bf16")}
+    times = {mode: [] for mode in steps}
+    for rep in range(reps + 10):
+        for mode in (("none", "bf16") if rep % 2 else ("bf16", "none")):
+            t0 = time.perf_counter()
+            steps[mode]()
+            if rep >= 10:
+                times[mode].append(time.perf_counter() - t0)
+    f32, b16 = (np.array(times[k]) for k in ("none", "bf16"))
+    print(f"whole step, K={K}, batch {B}, {reps} alternating repetitions: float32 {np.median(f32) * 1e6:.0f} us, "
+          f"bf16 matmuls {np.median(b16) * 1e6:.0f} us; float32 / bf16 per-pair median {np.median(f32 / b16):.3f}")
 
 
 def main() -> None:
@@ -100,16 +126,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--autocast", choices=("none", "bf16"), default="none")
+    p.add_argument("--compare", action="store_true", help="only the whole step, float32 against bf16, alternating")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     K, B, m, lr = args.nodes, args.batch, 0.9, 0.01
+    if args.compare:
+        return compare(K, B, args.reps)
     kernel, params, bufs, x, y, idx, weight = setup(K, B, args.autocast)
     table = parts(kernel, params, bufs, x, y, idx, weight, m, lr)
-
-    def step():
-        kernel._step(params, bufs, x, y, idx, weight, None, m)
-        kernel._update(params, bufs, None, lr)
+    step = whole_step(K, B, args.autocast, m, lr)
 
     bf = torch.bfloat16 if args.autocast == "bf16" else torch.float32
     a, w = torch.rand(K, B, 784, dtype=bf), torch.rand(K, 200, 784, dtype=bf)

@@ -33,6 +33,12 @@ class MLPKernel:
     The weight-gradient matmul is a baddbmm straight into the momentum buffer (buf = m*buf +
     g^T a in one pass over buf), which is what makes the 2nn fast: its first layer's weights
     and buffers are most of the memory traffic of a step.
+
+    With a bfloat16 `dtype` the forward matmuls and the gradient matmuls through the hidden layers
+    read bfloat16 shadow copies of the weights, refreshed right after each parameter pass (one
+    foreach copy, not a cast per matmul); the masters, the momentum and the weight-gradient matmul
+    into it stay float32 (a bfloat16 product cannot accumulate into a float32 buffer within
+    baddbmm_, and the separate add it would need costs more than the bfloat16 matmul saves).
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[nn.Linear, bool]], dtype=None) -> None:
@@ -55,18 +61,26 @@ class MLPKernel:
         anchor = self._split(main[None]) if mu else None
         corr = self._split(corr.to(mom.dtype)) if corr is not None else None
         xs = x.reshape(len(x), -1)
+        weights, shadows = params[0::2], self.shadows(params)
         for s in range(plan.idx.shape[0]):
             if tick is not None:
                 tick()
             scale = None if plan.full[s] else plan.active[s]
-            self._step(params, bufs, xs, y, plan.idx[s], plan.weight[s], scale, m)
+            self._step(params, bufs, xs, y, plan.idx[s], plan.weight[s], scale, m, shadows)
             if mu:
                 self._proximal(params, bufs, anchor, scale, mu)
             if corr is not None:
                 self._correct(bufs, corr, scale)
             self._update(params, bufs, scale, lr)
+            if shadows[0] is not weights[0]:
+                torch._foreach_copy_(shadows, weights)
         mom.copy_(self._join(bufs))
         return self._join(params)
+
+    def shadows(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The weights [K, out, in] the matmuls read: the float32 masters themselves, or bfloat16 copies."""
+        weights = params[0::2]
+        return weights if self.dtype in (None, weights[0].dtype) else [w.to(self.dtype) for w in weights]
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Contiguous per-slot copies [K, out, in] and [K, out] of a flat [K, P] matrix."""
@@ -81,15 +95,17 @@ class MLPKernel:
             flat[:, o:o + int(np.prod(s))] = part.reshape(K, -1)
         return flat
 
-    def _step(self, params, bufs, xs, y, idx, weight, scale, m: float) -> None:
-        """Forward, backward and momentum of one step; the parameters move in _update."""
+    def _step(self, params, bufs, xs, y, idx, weight, scale, m: float, weights=None) -> None:
+        """Forward, backward and momentum of one step; the parameters move in _update.
+        `weights`: what the matmuls read (self.shadows(params), the default)."""
         K, B = idx.shape
         fd = xs.dtype
         cd = self.dtype or fd  # without autocast every .to() below is a no-op
-        acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1).to(cd)]
-        weights = [params[2 * layer].to(cd) for layer in range(len(self.relu))]  # cast once, used twice
+        weights = self.shadows(params) if weights is None else weights
+        acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1)]
         for layer, relu in enumerate(self.relu):
-            z = torch.baddbmm(params[2 * layer + 1].to(cd).unsqueeze(1), acts[-1], weights[layer].transpose(1, 2))
+            z = torch.baddbmm(params[2 * layer + 1].to(cd).unsqueeze(1), acts[-1].to(cd),
+                              weights[layer].transpose(1, 2))
             acts.append(z.relu_() if relu else z)
         # d(sum_i w_i CE_i)/d logits = w_i (softmax_i - onehot_i): each node's mean loss, padding weighted 0.
         g = torch.softmax(acts.pop().to(fd), dim=2)
@@ -104,10 +120,7 @@ class MLPKernel:
                 b.mul_(decay.view(-1, *[1] * (b.dim() - 1)))
         for layer in reversed(range(len(self.relu))):
             a = acts[layer]
-            if cd == fd:
-                bufs[2 * layer].baddbmm_(g.transpose(1, 2), a, beta=beta)
-            else:  # a bfloat16 product cannot accumulate into the float32 buffer within baddbmm_
-                bufs[2 * layer].mul_(beta).add_(torch.bmm(g.to(cd).transpose(1, 2), a))
+            bufs[2 * layer].baddbmm_(g.transpose(1, 2), a.to(fd), beta=beta)
             bufs[2 * layer + 1].mul_(beta).add_(g.sum(1))
             if layer:  # through the ReLU: one fused op, no boolean mask tensor
                 back = torch.bmm(g.to(cd), weights[layer])

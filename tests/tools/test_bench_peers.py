@@ -142,3 +142,13 @@ def test_stopping_a_contender_also_ends_children_in_groups_of_their_own(tmp_path
             break
         time.sleep(0.1)
     assert state in ("gone", "Z")
+
+
+def test_bf16_line_sets_autocast_and_runs_apart_from_the_float32_line(tmp_path):
+    """--bf16's fedmpi line: its own name and run directory, `autocast=bf16` among its --set values."""
+    from peers.contenders import Workload, fedmpi
+    w = Workload("2nn", 2, 1, tmp_path / "d.h5", tmp_path / "i.pt", tmp_path, tmp_path, "cpu")
+    plain, bf16 = fedmpi(w, 2, 1), fedmpi(w, 2, 1, bf16=True)
+    assert bf16.name == "fedmpi -n 2, autocast: bf16" and plain.name == "fedmpi -n 2"
+    assert "autocast=bf16" in bf16.cmd and "autocast=bf16" not in plain.cmd
+    assert bf16.run_dir != plain.run_dir and bf16.semantics == plain.semantics

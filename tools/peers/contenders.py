@@ -70,13 +70,13 @@ def mpirun() -> str:
     return str(beside) if beside.exists() else "mpirun"
 
 
-def fedmpi(w: Workload, ranks: int, threads: int, reset: bool = False) -> Contender:
+def fedmpi(w: Workload, ranks: int, threads: int, reset: bool = False, bf16: bool = False) -> Contender:
     """fedmpi's CLI under mpirun (tools/peers/fedmpi_paced.py: `fedmpi` with paced rounds)."""
-    name = f"fedmpi -n {ranks}" + (", local_state: reset" if reset else "")
-    run_dir = w.work / "runs" / f"{w.model}-fedmpi-n{ranks}{'-reset' if reset else ''}"
+    name = f"fedmpi -n {ranks}" + (", local_state: reset" if reset else "") + (", autocast: bf16" if bf16 else "")
+    run_dir = w.work / "runs" / f"{w.model}-fedmpi-n{ranks}{'-reset' if reset else ''}{'-bf16' if bf16 else ''}"
     sets = [f"threads={threads}", f"rounds={w.rounds}", f"local_epochs={w.epochs}", "central_epochs=0",
             f"data_file={w.data_file}", f"model={w.model}", f"device={w.device}"]
-    sets += ["local_state=reset"] if reset else []
+    sets += (["local_state=reset"] if reset else []) + (["autocast=bf16"] if bf16 else [])
     cmd = [mpirun(), "-n", str(ranks), sys.executable, str(HERE / "fedmpi_paced.py"), "run",
            "--config", str(ROOT / "jobs" / "mnist_iid.yaml"), "--data-dir", str(w.data_dir), "--out", str(run_dir),
            "--set", *sets]
