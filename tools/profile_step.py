@@ -1,6 +1,7 @@
 """Where one step of the batched 2nn kernel spends its time, on one thread.
 
     python tools/profile_step.py [--nodes 17] [--batch 32] [--reps 300] [--autocast none|bf16] [--compare]
+                                 [--sizes 4,8,17,32]
 
 Each part of MLPKernel's step (the batch-row gather, the three forward matmuls, softmax and
 cross-entropy, ReLU forward and backward, the weight-gradient matmuls into the momentum, the
@@ -10,7 +11,8 @@ beside them in the same repetition; the repetitions interleave all parts, so a s
 shared machine hits every row. Python overhead is the whole step minus the sum of the parts.
 A bare bmm of the first layer's forward and weight-gradient shapes is timed in the same loop.
 Rows: median microseconds, share of the whole step, GFLOP/s for the matmuls. --compare times only
-whole steps, float32 and bf16 matmuls alternating, and prints their ratio.
+whole steps, float32 and bf16 matmuls alternating, and prints their ratio; --sizes times whole steps
+at several chunk sizes, alternating, per node.
 """
 from __future__ import annotations
 
@@ -120,6 +122,21 @@ def compare(K: int, B: int, reps: int) -> None:
           f"bf16 matmuls {np.median(b16) * 1e6:.0f} us; float32 / bf16 per-pair median {np.median(f32 / b16):.3f}")
 
 
+def sizes(chunks: list[int], B: int, reps: int, autocast: str) -> None:
+    """Whole steps at several chunk sizes K, alternating in one loop: microseconds per node-step."""
+    steps = {k: whole_step(k, B, autocast, 0.9, 0.01) for k in chunks}
+    times = {k: [] for k in chunks}
+    for rep in range(reps + 10):
+        for k in (chunks if rep % 2 else chunks[::-1]):
+            t0 = time.perf_counter()
+            steps[k]()
+            if rep >= 10:
+                times[k].append((time.perf_counter() - t0) / k)
+    print(f"whole step per node, batch {B}, autocast {autocast}, {reps} alternating repetitions:")
+    for k in chunks:
+        print(f"  K={k:3d}: {np.median(times[k]) * 1e6:7.0f} us per node-step")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[2])
     p.add_argument("--nodes", type=int, default=17)
@@ -127,12 +144,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=300)
     p.add_argument("--autocast", choices=("none", "bf16"), default="none")
     p.add_argument("--compare", action="store_true", help="only the whole step, float32 against bf16, alternating")
+    p.add_argument("--sizes", default="", help="comma list of chunk sizes K: only the whole step per node at each")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     K, B, m, lr = args.nodes, args.batch, 0.9, 0.01
     if args.compare:
         return compare(K, B, args.reps)
+    if args.sizes:
+        return sizes([int(k) for k in args.sizes.split(",")], B, args.reps, args.autocast)
     kernel, params, bufs, x, y, idx, weight = setup(K, B, args.autocast)
     table = parts(kernel, params, bufs, x, y, idx, weight, m, lr)
     step = whole_step(K, B, args.autocast, m, lr)
