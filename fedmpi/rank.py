@@ -19,6 +19,7 @@ from .engine.batched import activation_bytes, auto_chunk
 from .engine.central import cache_path, central_baseline, load_cached
 from .engine.models import build_model
 from .engine.params import flatten
+from .engine.rows import Inputs
 from .errors import ConfigError
 from .fl import dp, secure, server
 from .fl.aggregate import node_weights
@@ -62,11 +63,9 @@ class Rank:
 
 
 def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> tuple:
-    """Inputs as float32 times pixel_scale on the device (uint8 images converted there), held once per rank."""
-    x = torch.from_numpy(x).to(device)
-    if x.dtype != torch.float32 or scale != 1.0:  # float32 inputs at scale 1 are used as they are
-        x = x.float().mul_(scale)
-    return x, torch.from_numpy(y).to(device)
+    """Inputs in the file's dtype on the device (engine/rows.py: float32 times pixel_scale once gathered),
+    int64 labels; held once per rank."""
+    return Inputs(torch.from_numpy(x).to(device), scale), torch.from_numpy(y).to(device)
 
 
 def announce(comm, text: str) -> None:
@@ -163,10 +162,9 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     of them alike (everywhere) and the job ends cleanly with rank 0's line.
     """
     train, local = read_offsets(path, "train"), read_offsets(path, "local_test")
-    test_rows = 0
-    if comm.rank == 0:
-        with open_shards(path) as f:
-            test_rows = len(f["test/y"])
+    with open_shards(path) as f:
+        test_rows = len(f["test/y"]) if comm.rank == 0 else 0
+        pixel_bytes = f["train/x"].dtype.itemsize  # uint8 or float32, checked by validate_shards
     central = int(train[-1]) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None else 0
     counts, local_counts = np.diff(train[mine.start:mine.stop + 1]), np.diff(local[mine.start:mine.stop + 1])
     rows = memory.RankRows(len(mine), int(counts.sum()), int(local_counts.sum()), int(counts.max(initial=0)),
@@ -177,7 +175,7 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
                        activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
                        cfg.batch_size, cfg.local_epochs, node_state=node_state_names(cfg).count("momentum"),
-                       control=cfg.algorithm == "scaffold")
+                       control=cfg.algorithm == "scaffold", pixel_bytes=pixel_bytes)
     gpu = device.type == "cuda"
     report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
                            memory.rank_parts(rows, work, gpu), memory.host_available(),

@@ -86,7 +86,7 @@ class MLPKernel:
         K, B = idx.shape
         fd = xs.dtype
         cd = self.dtype or fd  # without autocast every .to() below is a no-op
-        acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1).to(cd)]
+        acts = [xs[idx.reshape(-1)].view(K, B, -1).to(cd)]  # rows gathered as float32 (engine/rows.py)
         weights = [params[2 * layer].to(cd) for layer in range(len(self.relu))]  # cast once, used twice
         for layer, relu in enumerate(self.relu):
             z = torch.baddbmm(params[2 * layer + 1].to(cd).unsqueeze(1), acts[-1], weights[layer].transpose(1, 2))

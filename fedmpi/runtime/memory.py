@@ -90,6 +90,7 @@ class Work:
     local_epochs: int
     node_state: int = 1  # [nodes, P] tensors kept across rounds: 1 (momentum) with local_state keep, 0 stateless
     control: bool = False  # SCAFFOLD: control variates per node and on the server, a second half of the payload
+    pixel_bytes: int = FLOAT  # bytes per input value in the shard file (1 for uint8 images, 4 for float32)
 
 
 def chunk_bytes(rows: RankRows, w: Work) -> int:
@@ -104,16 +105,17 @@ def chunk_bytes(rows: RankRows, w: Work) -> int:
     return training + plan + scoring + control
 
 
-def row_bytes(pixels: int, gpu: bool) -> tuple[int, int]:
-    """(bytes on the device, bytes on the host) per data row: the float32 image and int64 label on the
-    device; the uint8 image as read stays on the host until setup returns (on a CPU, the same memory)."""
-    device, staged = pixels * FLOAT + LABEL, pixels
-    return (device, staged + LABEL) if gpu else (device + staged, 0)
+def row_bytes(pixels: int, gpu: bool, pixel_bytes: int = FLOAT) -> tuple[int, int]:
+    """(bytes on the device, bytes on the host) per data row: the input in the file's dtype (converted to
+    float32 only per batch, engine/rows.py) and the int64 label; on a GPU the rows as read stay on the host
+    until setup returns, on a CPU the device block is the memory read."""
+    device = pixels * pixel_bytes + LABEL
+    return (device, device) if gpu else (device, 0)
 
 
 def rank_parts(rows: RankRows, w: Work, gpu: bool) -> dict[str, int]:
     """A rank's bytes on its device (the host on a CPU), by part."""
-    row = row_bytes(w.pixels, gpu)[0]
+    row = row_bytes(w.pixels, gpu, w.pixel_bytes)[0]
     return {"training rows": rows.train * row, "local test rows": rows.local * row, "test set": rows.test * row,
             "momentum": w.node_state * rows.nodes * w.params * FLOAT,
             "chunk working set": w.workers * chunk_bytes(rows, w),
@@ -135,7 +137,7 @@ def peak(parts: dict[str, int]) -> int:
 
 def host_staging(rows: RankRows, w: Work) -> int:
     """Host bytes of a rank whose data lives on a GPU: the rows as read from the shard file."""
-    return (rows.train + rows.local + rows.test + rows.central) * row_bytes(w.pixels, True)[1]
+    return (rows.train + rows.local + rows.test + rows.central) * row_bytes(w.pixels, True, w.pixel_bytes)[1]
 
 
 ADVICE = {"training rows": "lower samples_per_node, or spread the nodes over more hosts",
