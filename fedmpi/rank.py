@@ -13,6 +13,7 @@ import torch
 from .config import Config, node_state_names
 from .data.partition import node_ranges
 from .data.prepare import prepare
+from .data.rounds import RoundReader, block_bytes, compact_offsets, placeholder
 from .data.shards import open_shards, read_attrs, read_client_ids, read_nodes, read_offsets, read_test
 from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
@@ -23,6 +24,7 @@ from .engine.rows import Inputs
 from .errors import ConfigError
 from .fl import dp, secure, server
 from .fl.aggregate import node_weights
+from .fl.sampling import local_selection, sample_count
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory, watchdog
 from .runtime.agree import on_every_rank, on_rank0
@@ -55,6 +57,7 @@ class Rank:
     most_nodes: int = 1           # the largest rank's node count (the fp16/bf16 wire's dropped-count layout)
     privacy: Optional[dp.Privacy] = None  # DP and secure aggregation: the same plan on every rank
     masks: Optional[object] = None  # secure aggregation: this rank's pairwise masks (fl/secagg.py)
+    reader: Optional[RoundReader] = None  # training rows read per round (block above data_resident_bytes)
 
     @property
     def end(self) -> int:
@@ -109,15 +112,17 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
     model = build_model(cfg.model, shape, classes, cfg.seed, cfg.model_args).to(device)
-    check_memory(cfg, comm, device, model, path, mine, shape)
+    resident = block_bytes(path, train_offsets, mine) <= cfg.data_resident_bytes
+    check_memory(cfg, comm, device, model, path, mine, shape, resident)
     announce(comm, f"reading the shards of {cfg.nodes} nodes ({comm.size} {plural(comm.size, 'rank')}) from {path}")
-    train = read_nodes(path, "train", mine.start, mine.stop)
+    x, y, offsets, counts, reader = training_rows(cfg, path, train_offsets, mine, resident, shape, classes,
+                                                  lambda xs, ys: to_device(xs, ys, scale, device))
     local = read_nodes(path, "local_test", mine.start, mine.stop)
-    x, y = to_device(train.x, train.y, scale, device)
     sharing = ranks_on_device(device, comm.local_rank, comm.local_size)
-    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start, sharing),
-              flatten(list(model.parameters())), mine.start, train.counts,
-              node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
+    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, offsets, mine.start, sharing),
+              flatten(list(model.parameters())), mine.start, counts,
+              node_weights(cfg.aggregation, counts), (*to_device(local.x, local.y, scale, device), local.offsets))
+    st.reader = reader
     st.all_weights = node_weights(cfg.aggregation, np.diff(train_offsets))
     st.most_nodes = max(len(b) for b in blocks)
     st.server = server.from_config(cfg)
@@ -143,6 +148,22 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     return st
 
 
+def training_rows(cfg: Config, path: Path, offsets: np.ndarray, mine: range, resident: bool, shape: tuple,
+                  classes: int, put) -> tuple:
+    """(x, y, offsets, counts, reader) of this rank's nodes: the whole block on the device, or (its block
+    above data_resident_bytes) a one-row placeholder and a RoundReader that reads each round's nodes."""
+    counts = np.diff(offsets[mine.start:mine.stop + 1])
+    if resident:
+        train = read_nodes(path, "train", mine.start, mine.stop)
+        return (*put(train.x, train.y), train.offsets, train.counts, None)
+
+    def local_rows(rnd: int) -> np.ndarray:  # as run_round computes the round's rows
+        return local_selection(dp.select(cfg, rnd), mine.start, mine.stop) - mine.start
+
+    reader = RoundReader(path, offsets, mine.start, counts, classes, put, local_rows, cfg.rounds)
+    return (*placeholder(shape, put), compact_offsets(counts, np.zeros(0, np.int64)), counts, reader)
+
+
 def plan_privacy(cfg: Config, comm) -> tuple:
     """Collective: the privacy plan, solved on rank 0 (the noise solver takes seconds) and broadcast; an
     unreachable dp_target_epsilon ends every rank with one line. Secure aggregation's key agreement."""
@@ -155,7 +176,7 @@ def plan_privacy(cfg: Config, comm) -> tuple:
 
 
 def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module, path: Path, mine: range,
-                 shape: tuple) -> None:
+                 shape: tuple, resident: bool = True) -> None:
     """Every rank's estimated need against its host's (and GPU's) memory, before any shard is read.
 
     The reports are allgathered, so every rank decides on the same list: a refusal is raised on all
@@ -167,7 +188,11 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
         pixel_bytes = f["train/x"].dtype.itemsize  # uint8 or float32, checked by validate_shards
     central = int(train[-1]) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None else 0
     counts, local_counts = np.diff(train[mine.start:mine.stop + 1]), np.diff(local[mine.start:mine.stop + 1])
-    rows = memory.RankRows(len(mine), int(counts.sum()), int(local_counts.sum()), int(counts.max(initial=0)),
+    held = int(counts.sum())
+    if not resident:  # read per round: this round's nodes and the next one's, at most the largest of them
+        largest = np.sort(counts)[::-1][:sample_count(cfg.nodes, cfg.fraction)]
+        held = min(held, 2 * int(largest.sum()))
+    rows = memory.RankRows(len(mine), held, int(local_counts.sum()), int(counts.max(initial=0)),
                            int(local_counts.max(initial=0)), test_rows, central)
     sample = torch.zeros(1, *shape, device=device)
     chunk = (cfg.chunk_nodes or auto_chunk(model, sample, cfg.batch_size, len(mine))) if cfg.engine == "batched" else 1
