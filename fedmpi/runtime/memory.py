@@ -27,6 +27,7 @@ GATHERED_EXTRA = 40     # per shard-file row besides its image: label, its copy,
 # shards.write_shards builds the file's image in memory before writing it: every row (node rows and the
 # test set) once more, image and label, in a buffer that grows by an eighth at a time.
 IMAGE_GROWTH = 9 / 8
+STREAMED_EXTRA = 16     # per row of a streamed file: its index in the partition's parts, and their offsets
 PLAN_SLOT = 8 + 1 + 8 + 4  # per batch-plan slot: int64 row index, bool mask, float64 then float32 weight
 FLOAT = 4               # float32
 PREPARE_OVERHEAD = 1 << 20  # the rest of prepare: class prototypes, partition bookkeeping, HDF5 buffers
@@ -46,22 +47,30 @@ def prepare_peak(dataset: str, nodes: int, samples_per_node: int, test_per_node:
                  synthetic_pixels: int = SYNTHETIC_IMAGE) -> tuple[int, str]:
     """Peak bytes of the prepare stage (raw dataset, then the gathered shards and the file image built
     from them) and how they were counted; `synthetic_pixels`: values per synthetic image (synthetic_shape)."""
+    from ..data.streamed import STREAM_FILE_BYTES, STREAM_ROWS  # data/ imports this module
+
     rows = nodes * (samples_per_node + test_per_node)
     if dataset == "synthetic":
-        px = synthetic_pixels
+        px, test = synthetic_pixels, SYNTHETIC_TEST
+    else:
+        _, test, px = RAW_SIZES[dataset]
+    if (rows + test) * (px + LABEL) > STREAM_FILE_BYTES:  # streamed (data/streamed.py): one block gathered
+        shards, image_file = rows * STREAMED_EXTRA + min(rows, STREAM_ROWS) * (px + GATHERED_EXTRA), 0
+    else:
+        shards, image_file = rows * (px + GATHERED_EXTRA), int((rows + test) * (px + LABEL) * IMAGE_GROWTH)
+    if dataset == "synthetic":
         train = max(nodes * samples_per_node, SYNTHETIC_CLASSES)
         raw = (train + SYNTHETIC_TEST) * (px + LABEL)
         # sources.synthetic draws SYNTHETIC_BLOCK images at a time through float64
         drawn = train * (px + LABEL) + min(train, SYNTHETIC_BLOCK) * SYNTHETIC_DRAW * px
-        image_file = int((rows + SYNTHETIC_TEST) * (px + LABEL) * IMAGE_GROWTH)
         how = (f"nodes x samples_per_node = {train:,} synthetic images of {px} px, "
                f"drawn {SYNTHETIC_BLOCK:,} at a time in float64 at {SYNTHETIC_DRAW * px:,} B each")
-        return PREPARE_OVERHEAD + max(drawn, raw + rows * (px + GATHERED_EXTRA) + image_file), how
-    train, test, image = RAW_SIZES[dataset]
-    image_file = int((rows + test) * (image + LABEL) * IMAGE_GROWTH)
+        return PREPARE_OVERHEAD + max(drawn, raw + shards + image_file), how
+    train = RAW_SIZES[dataset][0]
     how = (f"{train + test:,} {dataset} images, then nodes x (samples_per_node + test_per_node) = "
-           f"{rows:,} rows of {image + GATHERED_EXTRA:,} B, and the file's image of {human(image_file)}")
-    return PREPARE_OVERHEAD + (train + test) * (image + LABEL) + rows * (image + GATHERED_EXTRA) + image_file, how
+           f"{rows:,} rows" + (f" of {px + GATHERED_EXTRA:,} B, and the file's image of {human(image_file)}"
+                               if image_file else f", written {STREAM_ROWS:,} at a time"))
+    return PREPARE_OVERHEAD + (train + test) * (px + LABEL) + shards + image_file, how
 
 
 @dataclass(frozen=True)

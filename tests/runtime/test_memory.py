@@ -24,21 +24,28 @@ def test_prepare_peak_by_hand():
     mib = 1 << 20  # prepare's own bookkeeping
     # synthetic: 100,000 images and labels held, while one block of 65,536 is drawn through float64 (16 B a pixel)
     assert memory.prepare_peak("synthetic", 100, 1000, 100)[0] == mib + 100_000 * (784 + 8) + 65_536 * 16 * 784
-    # synthetic_shape 1x8x8, a million nodes of 12 + 2: the gathered rows and the file's image dominate
+    # synthetic_shape 1x8x8, a million nodes of 12 + 2 (a 1 GB file, streamed): the raw images, 16 B of
+    # partition indices a row and one gathered block of 65,536 rows
     rows = 10**6 * 14
     assert (memory.prepare_peak("synthetic", 10**6, 12, 2, 64)[0]
-            == mib + (12 * 10**6 + 1000) * 72 + rows * 104 + (rows + 1000) * 72 * 9 // 8)
+            == mib + (12 * 10**6 + 1000) * 72 + rows * 16 + 65_536 * 104)
+    # below the streaming threshold (256 MiB of file), the gathered rows and the file's image in memory
+    rows = 10**5 * 14
+    assert (memory.prepare_peak("synthetic", 10**5, 12, 2, 64)[0]
+            == mib + (12 * 10**5 + 1000) * 72 + rows * 104 + (rows + 1000) * 72 * 9 // 8)
     # mnist: 70,000 raw images and labels, then 100 x (450 + 90) gathered rows of 784 + 40 B, then the
     # file's image: those rows and the 10,000 test images once more, 784 + 8 B each, and an eighth of slack
     assert (memory.prepare_peak("mnist", 100, 450, 90)[0] == mib + 70_000 * 792 + 54_000 * 824 + 64_000 * 792 * 9 // 8
             == mib + 156_960_000)
     assert memory.prepare_peak("cifar10", 10, 100, 0)[0] == mib + 60_000 * 3080 + 1000 * 3112 + 11_000 * 3080 * 9 // 8
-    # many local test rows on a real dataset: the gathered rows and their image dominate
+    # many local test rows on a real dataset, streamed: the partition's indices dominate
     rows = 10**4 * (10**6 + 6)
     assert (memory.prepare_peak("fashion-mnist", 10**4, 6, 10**6)[0]
-            == mib + 70_000 * 792 + rows * 824 + (rows + 10_000) * 792 * 9 // 8)
+            == mib + 70_000 * 792 + rows * 16 + 65_536 * 824)
+    # the tutorial-sized 10,000 x 450 MNIST file (4 GB): 11.9 GiB in memory before, now the raw set and indices
+    assert memory.prepare_peak("mnist", 10**4, 450, 90)[0] < 200 << 20
     peak, how = memory.prepare_peak("synthetic", 10**6, 10**6, 0)
-    assert peak == mib + 10**12 * 792 + 10**12 * 824 + 10**12 * 792 * 9 // 8 + 1000 * 792 * 9 // 8 + 1000 * 792
+    assert peak == mib + 10**12 * 792 + 1000 * 792 + 10**12 * 16 + 65_536 * 824
     assert "1,000,000,000,000 synthetic images" in how
 
 
