@@ -15,6 +15,7 @@ from .data.partition import node_ranges
 from .data.prepare import prepare
 from .data.rounds import RoundReader, block_bytes, compact_offsets, placeholder
 from .data.shards import open_shards, read_attrs, read_client_ids, read_nodes, read_offsets, read_test
+from .data.shuffled import CHUNK_ROWS, ShuffledRows
 from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
 from .engine.central import cache_path, central_baseline, load_cached
@@ -134,9 +135,9 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
         st.test = to_device(*read_test(path), scale, device)
         st.rows, st.client_ids = st.rows or [], read_client_ids(path)
         if cfg.central_epochs:
-            def load_all_shards() -> tuple:
-                everything = read_nodes(path, "train", 0, cfg.nodes)
-                return to_device(everything.x, everything.y, scale, device)
+            def load_all_shards() -> tuple:  # streamed in each epoch's shuffled order, a chunk at a time
+                rows = ShuffledRows(path, int(train_offsets[-1]), classes, scale, device)
+                return rows, rows.labels
 
             announce(comm, f"centralized baseline: cached in {cache_path(cfg)}" if load_cached(cfg) else
                      f"centralized baseline: training {cfg.central_epochs} {plural(cfg.central_epochs, 'epoch')} "
@@ -186,7 +187,8 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     with open_shards(path) as f:
         test_rows = len(f["test/y"]) if comm.rank == 0 else 0
         pixel_bytes = f["train/x"].dtype.itemsize  # uint8 or float32, checked by validate_shards
-    central = int(train[-1]) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None else 0
+    central = min(int(train[-1]), CHUNK_ROWS) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None \
+        else 0  # the baseline's rows are streamed, one chunk of its shuffled order at a time
     counts, local_counts = np.diff(train[mine.start:mine.stop + 1]), np.diff(local[mine.start:mine.stop + 1])
     held = int(counts.sum())
     if not resident:  # read per round: this round's nodes and the next one's, at most the largest of them
