@@ -191,10 +191,12 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     selected = dp.select(cfg, rnd)
     rows = local_selection(selected, st.first, st.end) - st.first
     t_select = time.perf_counter() - t0
+    t_read = 0.0
     if st.reader is not None:  # the block exceeds data_resident_bytes: this round's nodes from the file
         watchdog.stage("reading the round's shards", rnd)
+        t1 = time.perf_counter()
         load_round(st.engine, st.reader, rnd, rows)
-    t_read = time.perf_counter() - t0 - t_select
+        t_read = time.perf_counter() - t1
     # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
     #    interrupts it within a step, and the rank votes to abandon the round.
     undo = MomentumUndo(st, rows)

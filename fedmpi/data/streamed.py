@@ -9,6 +9,7 @@ bounded. The datasets and attributes are those write_shards writes (tested); the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -25,8 +26,9 @@ def file_bytes(rows: int, pixels: int, itemsize: int = 1) -> int:
     return rows * (pixels * itemsize + LABEL_DTYPE.itemsize)
 
 
-def node_blocks(parts: list[np.ndarray], rows: int = STREAM_ROWS) -> list[tuple[int, int]]:
-    """[first, stop) node ranges of at most `rows` rows each (a larger node on its own)."""
+def node_blocks(parts: list[np.ndarray], rows: Optional[int] = None) -> list[tuple[int, int]]:
+    """[first, stop) node ranges of at most `rows` (STREAM_ROWS) rows each (a larger node on its own)."""
+    rows = STREAM_ROWS if rows is None else rows
     blocks, first, held = [], 0, 0
     for k, part in enumerate(parts):
         if held and held + len(part) > rows:

@@ -35,6 +35,7 @@ def test_a_streamed_file_holds_exactly_what_the_in_memory_writer_writes(tmp_path
     monkeypatch.setattr(prepare_module, "STREAM_FILE_BYTES", 0)  # every file streamed,
     monkeypatch.setattr(streamed, "STREAM_ROWS", 10)             # in blocks of a node or two
     streamed_path = prepare(config(tmp_path, "streamed.h5", partition=partition))
+    assert len(node_blocks([np.zeros(9)] * 7)) >= 4  # the training rows really went in several blocks
     want, got = contents(whole), contents(streamed_path)
     assert got == want and len(want[0]["train/x"][1]) == 63  # 7 nodes x 9 samples
     assert validate_shards(streamed_path)["num_nodes"] == 7
@@ -67,11 +68,11 @@ def test_a_failure_while_streaming_leaves_no_file_and_no_temp_file(tmp_path, mon
     monkeypatch.setattr(streamed, "STREAM_ROWS", 10)
     calls = []
 
-    def failing_blocks(parts, rows=10):
+    def failing_blocks(parts):
         calls.append(1)
         if len(calls) == 2:  # the local test group, after the training rows were written
             raise DataError("shard file: a write failed")
-        return node_blocks(parts, rows)
+        return node_blocks(parts)
 
     monkeypatch.setattr(streamed, "node_blocks", failing_blocks)
     with pytest.raises(DataError, match="a write failed"):
