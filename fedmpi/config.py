@@ -69,6 +69,7 @@ BOUNDS: dict[str, tuple] = {
     "stall_timeout_s": (0, 86400, False, False),
     "chunk_nodes": (0, 10**7, False, False),
     "node_metrics_every": (0, 10**7, False, False),
+    "data_resident_bytes": (0, 2**60, False, False),  # 0: every round reads its nodes; 2^60: an exabyte
     "shards_per_node": (1, 1000, False, False),
     "lr": (0.0, 100.0, True, False),
     "momentum": (0.0, 1.0, False, True),
@@ -132,6 +133,7 @@ class Config:
     max_dropped_fraction: float = 0.5  # stop with an error when more nodes than this diverge in a round
     engine: str = "batched"
     chunk_nodes: int = 0          # batched engine: nodes trained together; 0 = from the memory budget
+    data_resident_bytes: int = 4 << 30  # a rank's training rows above this are read per round from the file
     autocast: str = "none"        # bf16: matmuls of local training in bfloat16 (weights, momentum stay float32)
     stall_timeout_s: float = 300.0  # end the job when a rank makes no progress this long; 0: no watchdog
     # Non-IID partitions.

@@ -13,15 +13,19 @@ import torch
 from .config import Config, node_state_names
 from .data.partition import node_ranges
 from .data.prepare import prepare
+from .data.rounds import RoundReader, block_bytes, compact_offsets, placeholder
 from .data.shards import open_shards, read_attrs, read_client_ids, read_nodes, read_offsets, read_test
+from .data.shuffled import CHUNK_ROWS, ShuffledRows
 from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
 from .engine.central import cache_path, central_baseline, load_cached
 from .engine.models import build_model
 from .engine.params import flatten
+from .engine.rows import Inputs
 from .errors import ConfigError
 from .fl import dp, secure, server
 from .fl.aggregate import node_weights
+from .fl.sampling import local_selection, sample_count
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory, watchdog
 from .runtime.agree import on_every_rank, on_rank0
@@ -54,6 +58,7 @@ class Rank:
     most_nodes: int = 1           # the largest rank's node count (the fp16/bf16 wire's dropped-count layout)
     privacy: Optional[dp.Privacy] = None  # DP and secure aggregation: the same plan on every rank
     masks: Optional[object] = None  # secure aggregation: this rank's pairwise masks (fl/secagg.py)
+    reader: Optional[RoundReader] = None  # training rows read per round (block above data_resident_bytes)
 
     @property
     def end(self) -> int:
@@ -62,11 +67,9 @@ class Rank:
 
 
 def to_device(x: np.ndarray, y: np.ndarray, scale: float, device: torch.device) -> tuple:
-    """Inputs as float32 times pixel_scale on the device (uint8 images converted there), held once per rank."""
-    x = torch.from_numpy(x).to(device)
-    if x.dtype != torch.float32 or scale != 1.0:  # float32 inputs at scale 1 are used as they are
-        x = x.float().mul_(scale)
-    return x, torch.from_numpy(y).to(device)
+    """Inputs in the file's dtype on the device (engine/rows.py: float32 times pixel_scale once gathered),
+    int64 labels; held once per rank."""
+    return Inputs(torch.from_numpy(x).to(device), scale), torch.from_numpy(y).to(device)
 
 
 def announce(comm, text: str) -> None:
@@ -110,15 +113,17 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     attrs = read_attrs(path)
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
     model = build_model(cfg.model, shape, classes, cfg.seed, cfg.model_args).to(device)
-    check_memory(cfg, comm, device, model, path, mine, shape)
+    resident = block_bytes(path, train_offsets, mine) <= cfg.data_resident_bytes
+    check_memory(cfg, comm, device, model, path, mine, shape, resident)
     announce(comm, f"reading the shards of {cfg.nodes} nodes ({comm.size} {plural(comm.size, 'rank')}) from {path}")
-    train = read_nodes(path, "train", mine.start, mine.stop)
+    x, y, offsets, counts, reader = training_rows(cfg, path, train_offsets, mine, resident, shape, classes,
+                                                  lambda xs, ys: to_device(xs, ys, scale, device))
     local = read_nodes(path, "local_test", mine.start, mine.stop)
-    x, y = to_device(train.x, train.y, scale, device)
     sharing = ranks_on_device(device, comm.local_rank, comm.local_size)
-    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start, sharing),
-              flatten(list(model.parameters())), mine.start, train.counts,
-              node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
+    st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, offsets, mine.start, sharing),
+              flatten(list(model.parameters())), mine.start, counts,
+              node_weights(cfg.aggregation, counts), (*to_device(local.x, local.y, scale, device), local.offsets))
+    st.reader = reader
     st.all_weights = node_weights(cfg.aggregation, np.diff(train_offsets))
     st.most_nodes = max(len(b) for b in blocks)
     st.server = server.from_config(cfg)
@@ -130,9 +135,9 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
         st.test = to_device(*read_test(path), scale, device)
         st.rows, st.client_ids = st.rows or [], read_client_ids(path)
         if cfg.central_epochs:
-            def load_all_shards() -> tuple:
-                everything = read_nodes(path, "train", 0, cfg.nodes)
-                return to_device(everything.x, everything.y, scale, device)
+            def load_all_shards() -> tuple:  # streamed in each epoch's shuffled order, a chunk at a time
+                rows = ShuffledRows(path, int(train_offsets[-1]), classes, scale, device)
+                return rows, rows.labels
 
             announce(comm, f"centralized baseline: cached in {cache_path(cfg)}" if load_cached(cfg) else
                      f"centralized baseline: training {cfg.central_epochs} {plural(cfg.central_epochs, 'epoch')} "
@@ -142,6 +147,22 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     announce(comm, f"{'resuming at' if st.done_rounds else 'starting'} round {st.done_rounds + 1} of {cfg.rounds}")
     watchdog.stage("set up")
     return st
+
+
+def training_rows(cfg: Config, path: Path, offsets: np.ndarray, mine: range, resident: bool, shape: tuple,
+                  classes: int, put) -> tuple:
+    """(x, y, offsets, counts, reader) of this rank's nodes: the whole block on the device, or (its block
+    above data_resident_bytes) a one-row placeholder and a RoundReader that reads each round's nodes."""
+    counts = np.diff(offsets[mine.start:mine.stop + 1])
+    if resident:
+        train = read_nodes(path, "train", mine.start, mine.stop)
+        return (*put(train.x, train.y), train.offsets, train.counts, None)
+
+    def local_rows(rnd: int) -> np.ndarray:  # as run_round computes the round's rows
+        return local_selection(dp.select(cfg, rnd), mine.start, mine.stop) - mine.start
+
+    reader = RoundReader(path, offsets, mine.start, counts, classes, put, local_rows, cfg.rounds)
+    return (*placeholder(shape, put), compact_offsets(counts, np.zeros(0, np.int64)), counts, reader)
 
 
 def plan_privacy(cfg: Config, comm) -> tuple:
@@ -156,20 +177,24 @@ def plan_privacy(cfg: Config, comm) -> tuple:
 
 
 def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module, path: Path, mine: range,
-                 shape: tuple) -> None:
+                 shape: tuple, resident: bool = True) -> None:
     """Every rank's estimated need against its host's (and GPU's) memory, before any shard is read.
 
     The reports are allgathered, so every rank decides on the same list: a refusal is raised on all
     of them alike (everywhere) and the job ends cleanly with rank 0's line.
     """
     train, local = read_offsets(path, "train"), read_offsets(path, "local_test")
-    test_rows = 0
-    if comm.rank == 0:
-        with open_shards(path) as f:
-            test_rows = len(f["test/y"])
-    central = int(train[-1]) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None else 0
+    with open_shards(path) as f:
+        test_rows = len(f["test/y"]) if comm.rank == 0 else 0
+        pixel_bytes = f["train/x"].dtype.itemsize  # uint8 or float32, checked by validate_shards
+    central = min(int(train[-1]), CHUNK_ROWS) if comm.rank == 0 and cfg.central_epochs and load_cached(cfg) is None \
+        else 0  # the baseline's rows are streamed, one chunk of its shuffled order at a time
     counts, local_counts = np.diff(train[mine.start:mine.stop + 1]), np.diff(local[mine.start:mine.stop + 1])
-    rows = memory.RankRows(len(mine), int(counts.sum()), int(local_counts.sum()), int(counts.max(initial=0)),
+    held = int(counts.sum())
+    if not resident:  # read per round: this round's nodes and the next one's, at most the largest of them
+        largest = np.sort(counts)[::-1][:sample_count(cfg.nodes, cfg.fraction)]
+        held = min(held, 2 * int(largest.sum()))
+    rows = memory.RankRows(len(mine), held, int(local_counts.sum()), int(counts.max(initial=0)),
                            int(local_counts.max(initial=0)), test_rows, central)
     sample = torch.zeros(1, *shape, device=device)
     chunk = (cfg.chunk_nodes or auto_chunk(model, sample, cfg.batch_size, len(mine))) if cfg.engine == "batched" else 1
@@ -177,7 +202,7 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
                        activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
                        cfg.batch_size, cfg.local_epochs, node_state=node_state_names(cfg).count("momentum"),
-                       control=cfg.algorithm == "scaffold")
+                       control=cfg.algorithm == "scaffold", pixel_bytes=pixel_bytes)
     gpu = device.type == "cuda"
     report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
                            memory.rank_parts(rows, work, gpu), memory.host_available(),

@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .config import Config, config_text
+from .data.rounds import load_round
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
 from .engine.params import load_flat
@@ -190,6 +191,12 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     selected = dp.select(cfg, rnd)
     rows = local_selection(selected, st.first, st.end) - st.first
     t_select = time.perf_counter() - t0
+    t_read = 0.0
+    if st.reader is not None:  # the block exceeds data_resident_bytes: this round's nodes from the file
+        watchdog.stage("reading the round's shards", rnd)
+        t1 = time.perf_counter()
+        load_round(st.engine, st.reader, rnd, rows)
+        t_read = time.perf_counter() - t1
     # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
     #    interrupts it within a step, and the rank votes to abandon the round.
     undo = MomentumUndo(st, rows)
@@ -219,7 +226,7 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     if per_rank is None:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
-    row.update(t_select=t_select, t_gather=time.perf_counter() - t2,
+    row.update(t_select=t_select, t_read=t_read, t_gather=time.perf_counter() - t2,
                nodes_selected=len(selected), nodes_dropped=dropped_total, update_dtype=cfg.update_dtype,
                bytes_saved=payload_bytes(buf.size, "fp32") - buf.nbytes, **released)
     if st.privacy.dp and cfg.sampling == "poisson":  # the real number of participants is private

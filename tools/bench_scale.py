@@ -1,6 +1,7 @@
 """Per-round cost against the federation's size: 10^3 to 10^6 nodes, 100 of them trained per round.
 
     python tools/bench_scale.py [--sizes 1000,10000,100000,1000000] [--ranks 4] [--rounds 6] [--out DIR]
+    python tools/bench_scale.py --tutorial [--sizes 10000]
 
 For each size: `fedmpi prepare` of a synthetic file (synthetic_shape 1x8x8, 12 training and 2 local
 test samples a node, iid), then `mpirun -n RANKS fedmpi run` with local_state reset, fraction
@@ -14,8 +15,11 @@ selection, training (slowest rank), waiting in and transferring the Allreduce, e
 these rounds), gathering the summaries and recording the row (metrics files: the gap between rows),
 and of all that is not training or waiting; peak RSS of the largest rank; bytes on the wire per
 round; the last round (evaluation of every local split, nodes.csv) apart. The data of a run sits
-on each rank's device, so no round reads data. Nothing here is a test: on a shared machine absolute
-times say little, the ratios between sizes say more.
+on each rank's device, so no round reads data. --tutorial: the tutorial-sized line instead,
+10,000 nodes of 450 MNIST-shaped (1x28x28) training and 90 local test samples, 100 trained a round,
+with data_resident_bytes 0 (every round reads its nodes from the file; "read ms" is the wait for
+them). Nothing here is a test: on a shared machine absolute times say little, the ratios between
+sizes say more.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_ROUND = 100
 COMMON = ["dataset=synthetic", "synthetic_shape=1x8x8", "samples_per_node=12", "test_per_node=2", "partition=iid",
           "seed=0"]
+TUTORIAL = ["dataset=synthetic", "synthetic_shape=1x28x28", "samples_per_node=450", "test_per_node=90",
+            "partition=iid", "seed=0"]
 # Each rank records its peak resident memory at exit (VmHWM: ru_maxrss carries over fork+exec).
 RANK = """
 import atexit, os, runpy
@@ -50,19 +56,19 @@ def mpirun() -> str:
     return str(beside) if beside.exists() else "mpirun"
 
 
-def prepare(nodes: int, path: Path) -> dict:
+def prepare(nodes: int, path: Path, common: list) -> dict:
     """`fedmpi prepare` of the size's file; seconds and bytes."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedmpi", "prepare", "--set", *COMMON, f"nodes={nodes}",
+    subprocess.run([sys.executable, "-m", "fedmpi", "prepare", "--set", *common, f"nodes={nodes}",
                     f"data_file={path}"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return dict(prepare_s=time.perf_counter() - t0, file_bytes=path.stat().st_size)
 
 
-def run(nodes: int, path: Path, out: Path, ranks: int, rounds: int) -> dict:
+def run(nodes: int, path: Path, out: Path, ranks: int, rounds: int, common: list, extra: list) -> dict:
     """One job; its metrics rows and every rank's peak RSS in MiB."""
     rss = out / "rss"
     rss.mkdir(parents=True, exist_ok=True)
-    args = ["run", "--set", *COMMON, f"nodes={nodes}", f"data_file={path}", f"fraction={PER_ROUND / nodes}",
+    args = ["run", "--set", *common, *extra, f"nodes={nodes}", f"data_file={path}", f"fraction={PER_ROUND / nodes}",
             f"rounds={rounds}", "local_state=reset", "local_epochs=1", "batch_size=10", "central_epochs=0",
             f"eval_every={rounds}", f"node_metrics_every={rounds}", "threads=1", "--out", str(out / "run"),
             "--overwrite"]
@@ -81,20 +87,23 @@ def split(rows: list[dict]) -> dict:
     record = [rows[i + 1]["t_elapsed"] - rows[i + 1]["t_round"] - rows[i]["t_elapsed"] for i in middle]
     med = {k: statistics.median(rows[i][k] for i in middle)
            for k in ("t_round", "t_select", "t_train_max", "t_wait", "t_allreduce", "t_eval", "t_gather")}
+    med["t_read"] = statistics.median(rows[i].get("t_read", 0.0) for i in middle)
     med["t_record"] = statistics.median(record)
-    med["outside"] = statistics.median(rows[i]["t_select"] + rows[i]["t_allreduce"] + rows[i]["t_eval"]
+    med["outside"] = statistics.median(rows[i]["t_select"] + rows[i].get("t_read", 0.0) + rows[i]["t_allreduce"]
+                                       + rows[i]["t_eval"]
                                        + rows[i]["t_gather"] + r for i, r in zip(middle, record))
     return med
 
 
 def table(results: list[dict], ranks: int) -> str:
-    lines = [f"| nodes | prepare s | file MiB | setup s | round s | select ms | train s | wait s | allreduce ms | "
-             f"eval ms | gather ms | record ms | outside training ms | last round s | peak RSS MiB (max of {ranks}) "
-             f"| wire B/round |", "|" + "---|" * 16]
+    lines = [f"| nodes | prepare s | file MiB | setup s | round s | select ms | read ms | train s | wait s | "
+             f"allreduce ms | eval ms | gather ms | record ms | outside training ms | last round s | "
+             f"peak RSS MiB (max of {ranks}) | wire B/round |", "|" + "---|" * 17]
     for r in results:
         m, first, last = r["split"], r["rows"][0], r["rows"][-1]
         lines.append(f"| {r['nodes']:,} | {r['prepare_s']:.1f} | {r['file_bytes'] / 2**20:.0f} | "
                      f"{first['t_elapsed'] - first['t_round']:.1f} | {m['t_round']:.3f} | {m['t_select'] * 1e3:.2f} | "
+                     f"{m['t_read'] * 1e3:.1f} | "
                      f"{m['t_train_max']:.3f} | {m['t_wait']:.3f} | {m['t_allreduce'] * 1e3:.1f} | "
                      f"{m['t_eval'] * 1e3:.1f} | {m['t_gather'] * 1e3:.2f} | {m['t_record'] * 1e3:.1f} | "
                      f"{m['outside'] * 1e3:.1f} | {last['t_round']:.2f} | {max(r['rss_mib']):.0f} | "
@@ -108,19 +117,25 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--rounds", type=int, default=6, help="at least 3: the middle rounds are timed")
     p.add_argument("--out", type=Path, default=Path("runs/bench_scale"))
+    p.add_argument("--tutorial", action="store_true", help="10,000 nodes x 450 MNIST-shaped samples, read per round")
     args = p.parse_args()
+    if args.tutorial and args.sizes == p.get_default("sizes"):
+        args.sizes = "10000"
+    common, extra = (TUTORIAL, ["data_resident_bytes=0"]) if args.tutorial else (COMMON, [])
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for nodes in (int(v) for v in args.sizes.split(",")):
         path = args.out / f"scale-{nodes}.h5"
         path.unlink(missing_ok=True)
-        made = prepare(nodes, path)
-        result = dict(nodes=nodes, **made, **run(nodes, path, args.out / f"n{nodes}", args.ranks, args.rounds))
+        made = prepare(nodes, path, common)
+        result = dict(nodes=nodes, **made, **run(nodes, path, args.out / f"n{nodes}", args.ranks, args.rounds,
+                                                 common, extra))
         result["split"] = split(result["rows"])
         results.append(result)
         path.unlink()  # a million nodes' file is about a GiB
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
-    print(f"\n$ python tools/bench_scale.py --sizes {args.sizes} --ranks {args.ranks} --rounds {args.rounds}; "
+    print(f"\n$ python tools/bench_scale.py {'--tutorial ' if args.tutorial else ''}--sizes {args.sizes} "
+          f"--ranks {args.ranks} --rounds {args.rounds}; "
           f"load average at the end {os.getloadavg()[0]:.1f}\n")
     print(table(results, args.ranks))
 

@@ -175,8 +175,9 @@ def note(text: str) -> None:
 class Progress:
     """A line per 10% of the examples written, only on a terminal (never in batch logs)."""
 
-    def __init__(self, total: int, stream: Optional[TextIO] = None) -> None:
-        self.total, self.done, self.shown = total, 0, 0
+    def __init__(self, total: int, stream: Optional[TextIO] = None, what: str = "fedmpi import",
+                 unit: str = "examples") -> None:
+        self.total, self.done, self.shown, self.what, self.unit = total, 0, 0, what, unit
         self.stream = stream if stream is not None else sys.stderr
         self.on = self.total > 0 and self.stream.isatty()
 
@@ -185,5 +186,5 @@ class Progress:
         tenth = self.done * 10 // self.total if self.total else 10
         if self.on and tenth > self.shown:
             self.shown = tenth
-            print(f"fedmpi import: {10 * tenth}% ({self.done:,} of {self.total:,} examples)", file=self.stream,
+            print(f"{self.what}: {10 * tenth}% ({self.done:,} of {self.total:,} {self.unit})", file=self.stream,
                   flush=True)

@@ -15,6 +15,7 @@ from .files import quote
 from .partition import PARTITIONERS, iid, like_train, offsets_of
 from .shards import make_parent, write_shards
 from .sources import check_data_dir, load_dataset
+from .streamed import STREAM_FILE_BYTES, file_bytes, write_streamed
 from .userfile import check_model
 from .validate import ALL_LABELS, MAX_NODES, MAX_ROWS, validate_shards
 
@@ -93,9 +94,13 @@ def prepare(cfg: Config, force: bool = False, labels: tuple[str, ...] = ALL_LABE
     train_parts = split(raw.train_y, cfg.nodes, cfg.samples_per_node, raw.classes, cfg.seed,
                         **partition_options(cfg))
     test_parts = local_test_parts(cfg, raw, train_parts)
-    train_idx, test_idx = np.concatenate(train_parts), np.concatenate(test_parts).astype(np.int64)
     attrs = dict(expected_attrs(cfg), classes=raw.classes, input_shape=list(raw.train_x.shape[1:]),
                  pixel_scale=1.0 / 255.0)
+    rows = sum(map(len, train_parts)) + sum(map(len, test_parts)) + len(raw.test_y)
+    if file_bytes(rows, math.prod(raw.train_x.shape[1:]), raw.train_x.dtype.itemsize) > STREAM_FILE_BYTES:
+        write_streamed(path, attrs, raw, train_parts, test_parts)  # bounded memory: block by block
+        return path
+    train_idx, test_idx = np.concatenate(train_parts), np.concatenate(test_parts).astype(np.int64)
     write_shards(path, attrs,
                  train=(raw.train_x[train_idx], raw.train_y[train_idx], offsets_of(train_parts)),
                  local_test=(raw.test_x[test_idx], raw.test_y[test_idx], offsets_of(test_parts)),

@@ -82,6 +82,10 @@ def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.T
     gen = batch_generator(cfg.seed, 0, 0, stream=CENTRAL_STREAM)
     accs, losses = [], []
     for _ in range(cfg.central_epochs):
+        if hasattr(x, "epoch"):  # rows streamed from the file (data/shuffled.py): told the epoch's order first
+            ahead = torch.Generator()
+            ahead.set_state(gen.get_state())
+            x.epoch(torch.randperm(len(y), generator=ahead))
         sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen, tick=tick, loss_fn=loss_fn)
         acc, loss = accuracy_loss(model, flatten(params), test_x, test_y, loss_fn)
         accs.append(acc)
@@ -93,8 +97,9 @@ def central_baseline(cfg: Config, load_train: Callable[[], tuple], test_x: torch
                      input_shape: tuple, classes: int, tick: Optional[Callable[[], None]] = None) -> dict:
     """The cached result when there is one, else train and cache it (written atomically).
 
-    `load_train` returns the union of all shards on the device; it is called only when training,
-    so a rerun with a cached baseline never reads the whole training set.
+    `load_train` returns the union of all shards (on the device, or streamed from the file in each
+    epoch's order: data/shuffled.py); it is called only when training, so a rerun with a cached
+    baseline never reads the training set.
     """
     cached = load_cached(cfg)
     if cached is not None:

@@ -102,7 +102,7 @@ class MLPKernel:
         fd = xs.dtype
         cd = self.dtype or fd  # without autocast every .to() below is a no-op
         weights = self.shadows(params) if weights is None else weights
-        acts = [xs.index_select(0, idx.reshape(-1)).view(K, B, -1)]
+        acts = [xs[idx.reshape(-1)].view(K, B, -1)]  # rows gathered as float32 (engine/rows.py)
         for layer, relu in enumerate(self.relu):
             z = torch.baddbmm(params[2 * layer + 1].to(cd).unsqueeze(1), acts[-1].to(cd),
                               weights[layer].transpose(1, 2))

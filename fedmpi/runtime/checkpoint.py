@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: meta.json is c
 
 # Keys that do not change the result: a resumed run may change them (e.g. rounds to run longer).
 FREE_KEYS = ("rounds", "eval_every", "dp_epsilon_every", "device", "threads", "engine", "checkpoint_every", "data_dir",
-             "tensorboard", "stall_timeout_s", "node_metrics_every")
+             "tensorboard", "stall_timeout_s", "node_metrics_every", "data_resident_bytes")
 STOP_EXIT_CODE = 75  # stopped early by SIGTERM/SIGUSR1, checkpoint written: resume with --resume
 META_KEYS = ("round", "identity", "node_files", "metrics")
 META_MAX_BYTES = 64 << 20  # about 90,000 rounds of metrics rows

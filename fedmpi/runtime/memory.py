@@ -27,6 +27,7 @@ GATHERED_EXTRA = 40     # per shard-file row besides its image: label, its copy,
 # shards.write_shards builds the file's image in memory before writing it: every row (node rows and the
 # test set) once more, image and label, in a buffer that grows by an eighth at a time.
 IMAGE_GROWTH = 9 / 8
+STREAMED_EXTRA = 16     # per row of a streamed file: its index in the partition's parts, and their offsets
 PLAN_SLOT = 8 + 1 + 8 + 4  # per batch-plan slot: int64 row index, bool mask, float64 then float32 weight
 FLOAT = 4               # float32
 PREPARE_OVERHEAD = 1 << 20  # the rest of prepare: class prototypes, partition bookkeeping, HDF5 buffers
@@ -46,22 +47,30 @@ def prepare_peak(dataset: str, nodes: int, samples_per_node: int, test_per_node:
                  synthetic_pixels: int = SYNTHETIC_IMAGE) -> tuple[int, str]:
     """Peak bytes of the prepare stage (raw dataset, then the gathered shards and the file image built
     from them) and how they were counted; `synthetic_pixels`: values per synthetic image (synthetic_shape)."""
+    from ..data.streamed import STREAM_FILE_BYTES, STREAM_ROWS  # data/ imports this module
+
     rows = nodes * (samples_per_node + test_per_node)
     if dataset == "synthetic":
-        px = synthetic_pixels
+        px, test = synthetic_pixels, SYNTHETIC_TEST
+    else:
+        _, test, px = RAW_SIZES[dataset]
+    if (rows + test) * (px + LABEL) > STREAM_FILE_BYTES:  # streamed (data/streamed.py): one block gathered
+        shards, image_file = rows * STREAMED_EXTRA + min(rows, STREAM_ROWS) * (px + GATHERED_EXTRA), 0
+    else:
+        shards, image_file = rows * (px + GATHERED_EXTRA), int((rows + test) * (px + LABEL) * IMAGE_GROWTH)
+    if dataset == "synthetic":
         train = max(nodes * samples_per_node, SYNTHETIC_CLASSES)
         raw = (train + SYNTHETIC_TEST) * (px + LABEL)
         # sources.synthetic draws SYNTHETIC_BLOCK images at a time through float64
         drawn = train * (px + LABEL) + min(train, SYNTHETIC_BLOCK) * SYNTHETIC_DRAW * px
-        image_file = int((rows + SYNTHETIC_TEST) * (px + LABEL) * IMAGE_GROWTH)
         how = (f"nodes x samples_per_node = {train:,} synthetic images of {px} px, "
                f"drawn {SYNTHETIC_BLOCK:,} at a time in float64 at {SYNTHETIC_DRAW * px:,} B each")
-        return PREPARE_OVERHEAD + max(drawn, raw + rows * (px + GATHERED_EXTRA) + image_file), how
-    train, test, image = RAW_SIZES[dataset]
-    image_file = int((rows + test) * (image + LABEL) * IMAGE_GROWTH)
+        return PREPARE_OVERHEAD + max(drawn, raw + shards + image_file), how
+    train = RAW_SIZES[dataset][0]
     how = (f"{train + test:,} {dataset} images, then nodes x (samples_per_node + test_per_node) = "
-           f"{rows:,} rows of {image + GATHERED_EXTRA:,} B, and the file's image of {human(image_file)}")
-    return PREPARE_OVERHEAD + (train + test) * (image + LABEL) + rows * (image + GATHERED_EXTRA) + image_file, how
+           f"{rows:,} rows" + (f" of {px + GATHERED_EXTRA:,} B, and the file's image of {human(image_file)}"
+                               if image_file else f", written {STREAM_ROWS:,} at a time"))
+    return PREPARE_OVERHEAD + (train + test) * (px + LABEL) + shards + image_file, how
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class Work:
     local_epochs: int
     node_state: int = 1  # [nodes, P] tensors kept across rounds: 1 (momentum) with local_state keep, 0 stateless
     control: bool = False  # SCAFFOLD: control variates per node and on the server, a second half of the payload
+    pixel_bytes: int = FLOAT  # bytes per input value in the shard file (1 for uint8 images, 4 for float32)
 
 
 def chunk_bytes(rows: RankRows, w: Work) -> int:
@@ -104,16 +114,17 @@ def chunk_bytes(rows: RankRows, w: Work) -> int:
     return training + plan + scoring + control
 
 
-def row_bytes(pixels: int, gpu: bool) -> tuple[int, int]:
-    """(bytes on the device, bytes on the host) per data row: the float32 image and int64 label on the
-    device; the uint8 image as read stays on the host until setup returns (on a CPU, the same memory)."""
-    device, staged = pixels * FLOAT + LABEL, pixels
-    return (device, staged + LABEL) if gpu else (device + staged, 0)
+def row_bytes(pixels: int, gpu: bool, pixel_bytes: int = FLOAT) -> tuple[int, int]:
+    """(bytes on the device, bytes on the host) per data row: the input in the file's dtype (converted to
+    float32 only per batch, engine/rows.py) and the int64 label; on a GPU the rows as read stay on the host
+    until setup returns, on a CPU the device block is the memory read."""
+    device = pixels * pixel_bytes + LABEL
+    return (device, device) if gpu else (device, 0)
 
 
 def rank_parts(rows: RankRows, w: Work, gpu: bool) -> dict[str, int]:
     """A rank's bytes on its device (the host on a CPU), by part."""
-    row = row_bytes(w.pixels, gpu)[0]
+    row = row_bytes(w.pixels, gpu, w.pixel_bytes)[0]
     return {"training rows": rows.train * row, "local test rows": rows.local * row, "test set": rows.test * row,
             "momentum": w.node_state * rows.nodes * w.params * FLOAT,
             "chunk working set": w.workers * chunk_bytes(rows, w),
@@ -135,7 +146,7 @@ def peak(parts: dict[str, int]) -> int:
 
 def host_staging(rows: RankRows, w: Work) -> int:
     """Host bytes of a rank whose data lives on a GPU: the rows as read from the shard file."""
-    return (rows.train + rows.local + rows.test + rows.central) * row_bytes(w.pixels, True)[1]
+    return (rows.train + rows.local + rows.test + rows.central) * row_bytes(w.pixels, True, w.pixel_bytes)[1]
 
 
 ADVICE = {"training rows": "lower samples_per_node, or spread the nodes over more hosts",

@@ -35,15 +35,16 @@ def test_float32_inputs_of_any_shape_validate_without_pixel_scale_and_reach_the_
     block = read_nodes(path, "train", 1, 3)
     assert block.x.dtype == np.float32 and block.x.shape == (12, 7)
     x, _ = to_device(block.x.copy(), block.y, 1.0, torch.device("cpu"))
-    assert x.dtype == torch.float32 and torch.equal(x, torch.from_numpy(block.x))
+    assert x.dtype == torch.float32 and torch.equal(x[:], torch.from_numpy(block.x))
 
 
 def test_to_device_scales_uint8_images_and_float_inputs_by_pixel_scale():
     cpu = torch.device("cpu")
     x, y = to_device(np.array([[0, 255]], np.uint8), np.array([1]), 1 / 255, cpu)
-    assert x.dtype == torch.float32 and x.tolist() == [[0.0, 1.0]] and y.dtype == torch.int64
+    assert x.data.dtype == torch.uint8  # kept as read; rows become float32 when gathered
+    assert x[:].dtype == torch.float32 and x[:].tolist() == [[0.0, 1.0]] and y.dtype == torch.int64
     x, _ = to_device(np.array([[2.0, -4.0]], np.float32), np.array([0]), 0.5, cpu)
-    assert x.tolist() == [[1.0, -2.0]]
+    assert x[:].tolist() == [[1.0, -2.0]]
 
 
 def test_uint8_inputs_need_pixel_scale(tmp_path):

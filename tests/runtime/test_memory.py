@@ -11,7 +11,8 @@ from fedmpi.runtime import memory
 from fedmpi.runtime.memory import RankRows, Report, Work
 
 ROWS = RankRows(nodes=50, train=22500, local=4500, max_train=450, max_local=90, test=10000, central=45000)
-WORK = Work(pixels=784, params=199210, activations=1000, chunk=16, workers=2, batch_size=32, local_epochs=10)
+WORK = Work(pixels=784, params=199210, activations=1000, chunk=16, workers=2, batch_size=32, local_epochs=10,
+            pixel_bytes=1)
 
 
 def test_human_sizes():
@@ -23,21 +24,28 @@ def test_prepare_peak_by_hand():
     mib = 1 << 20  # prepare's own bookkeeping
     # synthetic: 100,000 images and labels held, while one block of 65,536 is drawn through float64 (16 B a pixel)
     assert memory.prepare_peak("synthetic", 100, 1000, 100)[0] == mib + 100_000 * (784 + 8) + 65_536 * 16 * 784
-    # synthetic_shape 1x8x8, a million nodes of 12 + 2: the gathered rows and the file's image dominate
+    # synthetic_shape 1x8x8, a million nodes of 12 + 2 (a 1 GB file, streamed): the raw images, 16 B of
+    # partition indices a row and one gathered block of 65,536 rows
     rows = 10**6 * 14
     assert (memory.prepare_peak("synthetic", 10**6, 12, 2, 64)[0]
-            == mib + (12 * 10**6 + 1000) * 72 + rows * 104 + (rows + 1000) * 72 * 9 // 8)
+            == mib + (12 * 10**6 + 1000) * 72 + rows * 16 + 65_536 * 104)
+    # below the streaming threshold (256 MiB of file), the gathered rows and the file's image in memory
+    rows = 10**5 * 14
+    assert (memory.prepare_peak("synthetic", 10**5, 12, 2, 64)[0]
+            == mib + (12 * 10**5 + 1000) * 72 + rows * 104 + (rows + 1000) * 72 * 9 // 8)
     # mnist: 70,000 raw images and labels, then 100 x (450 + 90) gathered rows of 784 + 40 B, then the
     # file's image: those rows and the 10,000 test images once more, 784 + 8 B each, and an eighth of slack
     assert (memory.prepare_peak("mnist", 100, 450, 90)[0] == mib + 70_000 * 792 + 54_000 * 824 + 64_000 * 792 * 9 // 8
             == mib + 156_960_000)
     assert memory.prepare_peak("cifar10", 10, 100, 0)[0] == mib + 60_000 * 3080 + 1000 * 3112 + 11_000 * 3080 * 9 // 8
-    # many local test rows on a real dataset: the gathered rows and their image dominate
+    # many local test rows on a real dataset, streamed: the partition's indices dominate
     rows = 10**4 * (10**6 + 6)
     assert (memory.prepare_peak("fashion-mnist", 10**4, 6, 10**6)[0]
-            == mib + 70_000 * 792 + rows * 824 + (rows + 10_000) * 792 * 9 // 8)
+            == mib + 70_000 * 792 + rows * 16 + 65_536 * 824)
+    # the tutorial-sized 10,000 x 450 MNIST file (4 GB): 11.9 GiB in memory before, now the raw set and indices
+    assert memory.prepare_peak("mnist", 10**4, 450, 90)[0] < 200 << 20
     peak, how = memory.prepare_peak("synthetic", 10**6, 10**6, 0)
-    assert peak == mib + 10**12 * 792 + 10**12 * 824 + 10**12 * 792 * 9 // 8 + 1000 * 792 * 9 // 8 + 1000 * 792
+    assert peak == mib + 10**12 * 792 + 1000 * 792 + 10**12 * 16 + 65_536 * 824
     assert "1,000,000,000,000 synthetic images" in how
 
 
@@ -78,12 +86,14 @@ def test_a_chunks_working_set_by_hand():
 
 def test_a_ranks_parts_and_peak_by_hand_on_a_cpu():
     parts = memory.rank_parts(ROWS, WORK, gpu=False)
-    row = 784 * 4 + 8 + 784  # float32 image, int64 label, the uint8 row it was read as
+    row = 784 + 8  # the uint8 image as read (float32 only per gathered batch), int64 label
     assert parts == {"training rows": 22500 * row, "local test rows": 4500 * row, "test set": 10000 * row,
                      "momentum": 50 * 199210 * 4, "chunk working set": 2 * 58_358_400,
                      "centralized baseline": 45000 * row + 4 * 199210 * 4}
     # the baseline's copy of every shard is freed before the chunks are trained: the larger of the two counts
-    assert memory.peak(parts) == 88_380_000 + 17_676_000 + 39_280_000 + 39_842_000 + 179_947_360
+    assert memory.peak(parts) == 17_820_000 + 3_564_000 + 7_920_000 + 39_842_000 + 116_716_800
+    floats = memory.rank_parts(ROWS, Work(**{**WORK.__dict__, "pixel_bytes": 4}), gpu=False)
+    assert floats["training rows"] == 22500 * (784 * 4 + 8)  # a float32 file's rows, as they are
 
 
 def test_a_stateless_rank_holds_no_momentum():
@@ -94,9 +104,9 @@ def test_a_stateless_rank_holds_no_momentum():
     assert memory.peak(memory.rank_parts(ROWS, WORK, gpu=False)) - memory.peak(parts) == 50 * 199210 * 4
 
 
-def test_on_a_gpu_the_images_are_float32_there_and_uint8_on_the_host():
+def test_on_a_gpu_the_images_are_uint8_there_and_on_the_host():
     parts = memory.rank_parts(ROWS, WORK, gpu=True)
-    assert parts["training rows"] == 22500 * (784 * 4 + 8)
+    assert parts["training rows"] == 22500 * (784 + 8)
     assert memory.host_staging(ROWS, WORK) == (22500 + 4500 + 10000 + 45000) * (784 + 8)
 
 
@@ -166,9 +176,9 @@ def test_prepare_refuses_what_cannot_fit_with_the_estimate(monkeypatch):
 
 def test_scaffold_adds_its_control_variates_by_hand():
     work = Work(pixels=784, params=199210, activations=1000, chunk=16, workers=2, batch_size=32, local_epochs=10,
-                control=True)
+                control=True, pixel_bytes=1)
     parts = memory.rank_parts(ROWS, work, gpu=False)
     assert parts["control variates"] == (50 + 3) * 199210 * 4  # c_i of 50 nodes, c, the deltas and their sum
     assert parts["chunk working set"] == 2 * (58_358_400 + 3 * 16 * 199210 * 4)
-    # the larger chunks (193,213,440 B) now outweigh the baseline (179,947,360 B) in the peak
-    assert memory.peak(parts) == 88_380_000 + 17_676_000 + 39_280_000 + 39_842_000 + 42_232_520 + 193_213_440
+    # the larger chunks (193,213,440 B) outweigh the baseline (38,827,360 B) in the peak
+    assert memory.peak(parts) == 17_820_000 + 3_564_000 + 7_920_000 + 39_842_000 + 42_232_520 + 193_213_440

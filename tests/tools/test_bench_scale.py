@@ -29,3 +29,13 @@ def test_a_small_federation_runs_from_one_command(tmp_path):
     assert result["nodes"] == 200 and len(result["rss_mib"]) == 2 and min(result["rss_mib"]) > 50
     assert result["split"]["t_train_max"] > 0 and "| 200 |" in proc.stdout
     assert not (tmp_path / "scale-200.h5").exists()  # the file is removed after its run
+
+
+def test_the_tutorial_line_reads_every_rounds_nodes_from_the_file(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_scale.py"), "--tutorial", "--sizes", "200",
+                           "--ranks", "2", "--rounds", "3", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    assert result["nodes"] == 200 and result["split"]["t_read"] > 0  # waited for rows read from the file
+    assert "--tutorial --sizes 200" in proc.stdout and "| read ms |" in proc.stdout
