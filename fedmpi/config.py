@@ -40,6 +40,7 @@ SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
+PERSONALIZE = ("none", "ditto")
 LOCAL_STATES = ("keep", "reset")
 DP_MODES = ("none", "gaussian")
 SAMPLINGS = ("fixed", "poisson")
@@ -47,6 +48,7 @@ DP_ACCOUNTANTS = ("rdp", "pld")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
            "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES,
+           "personalize": PERSONALIZE,
            "dp": DP_MODES, "sampling": SAMPLINGS, "dp_accountant": DP_ACCOUNTANTS}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
@@ -82,6 +84,7 @@ BOUNDS: dict[str, tuple] = {
     "server_beta2": (0.0, 1.0, False, True),
     "server_tau": (1e-12, 10.0, False, False),    # tau^2 must stay a normal float32
     "prox_mu": (0.0, 1000.0, False, False),
+    "ditto_lambda": (0.0, 1e6, False, False),
     # Privacy (fl/dp.py); an Optional key left null skips its bounds.
     "dp_clip": (1e-6, 1e6, False, False),          # the fixed-point ring needs 2^f * clip >= 1
     "dp_noise_multiplier": (0.0, 1000.0, False, False),  # the accountant's solver range ends at 1000
@@ -149,6 +152,8 @@ class Config:
     prox_mu: float = 0.0
     update_dtype: str = "fp32"
     algorithm: str = "fedavg"       # scaffold: SCAFFOLD's control variates (Karimireddy et al. 2020, option II)
+    personalize: str = "none"       # ditto: a personal model per node beside the global one (Li et al. 2021)
+    ditto_lambda: float = 1.0       # ditto: the personal model's proximal pull lambda/2 ||v - w||^2 to the global model
     tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
     # Differential privacy and secure aggregation (fl/dp.py, fl/secure.py; README "Differential privacy").
     sampling: str = "fixed"         # fixed: m = C*N of N without replacement; poisson: each node with probability C
@@ -200,6 +205,7 @@ class Config:
         if self.algorithm != "fedavg" and (self.dp != "none" or self.secure_aggregation):
             # Their extra values (control deltas, step counts) would need their own clip, noise and ring.
             raise ConfigError(f"config key 'algorithm': {self.algorithm} runs without dp and secure_aggregation")
+        self._check_personalize()
         if self.algorithm == "fednova":
             # Its normalization counts plain SGD steps: a momentum buffer kept across rounds, a proximal
             # term or a pre-divided half-precision update would each need another rule.
@@ -208,6 +214,16 @@ class Config:
                 if bad:
                     raise ConfigError(f"config key 'algorithm': fednova takes plain local SGD with fp32 updates; "
                                       f"'{key}' is {getattr(self, key)!r}")
+
+    def _check_personalize(self) -> None:
+        """Ditto keeps each node's personal model across rounds, beside plain FedAvg-style local training."""
+        if self.personalize != "ditto":
+            return
+        if self.algorithm != "fedavg":
+            raise ConfigError(f"config key 'personalize': ditto runs with algorithm fedavg, got {self.algorithm!r}")
+        if self.local_state == "reset":
+            raise ConfigError("config key 'personalize': ditto keeps each node's personal model across rounds; "
+                              "it cannot run with local_state: reset")
 
     def _check_synthetic_shape(self) -> None:
         dims = synthetic_dims(self.synthetic_shape)
@@ -263,10 +279,12 @@ def synthetic_dims(text: str) -> tuple[int, ...]:
 def node_state_names(cfg: Any) -> tuple[str, ...]:
     """The per-node tensors a run keeps across rounds (what its checkpoints carry): momentum with
     local_state keep and momentum > 0 (at momentum 0 a buffer never reaches the next round's math, so
-    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold."""
+    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold; Ditto's
+    personal models under personalize: ditto."""
     keep = getattr(cfg, "local_state", "keep") == "keep" and getattr(cfg, "momentum", 0.0) > 0
     scaffold = getattr(cfg, "algorithm", "fedavg") == "scaffold"  # SCAFFOLD's c_i
-    return ("momentum",) * keep + ("control",) * scaffold
+    ditto = getattr(cfg, "personalize", "none") == "ditto"  # Ditto's personal models v_k
+    return ("momentum",) * keep + ("control",) * scaffold + ("personal",) * ditto
 
 
 def placeholders(template: str) -> list[str]:

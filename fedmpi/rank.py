@@ -177,7 +177,7 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
                        activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
                        cfg.batch_size, cfg.local_epochs, node_state=node_state_names(cfg).count("momentum"),
-                       control=cfg.algorithm == "scaffold")
+                       control=cfg.algorithm == "scaffold", personal=cfg.personalize == "ditto")
     gpu = device.type == "cuda"
     report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
                            memory.rank_parts(rows, work, gpu), memory.host_available(),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..fl.algorithms import scaffold_correction, scaffold_node_controls
+from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_controls
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
@@ -93,6 +93,7 @@ class BatchedEngine:
         self.store = make_state(cfg, nodes, size, x.device, x.dtype)
         self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
         self.control, self.server_control = scaffold_state(self.store, size)
+        self.personal = self.store.get("personal")  # Ditto's v_k, or None
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
@@ -118,7 +119,7 @@ class BatchedEngine:
     def _train_part(self, main: torch.Tensor, rnd: int, part: np.ndarray, tick: Optional[Callable[[], None]]) -> Chunk:
         ids = [self.first_node + int(k) for k in part]
         if np.diff(self.offsets)[part].sum() == 0:  # no data at all: the nodes keep `main`
-            return Chunk(ids, main.expand(len(part), -1).clone())
+            return Chunk(ids, main.expand(len(part), -1).clone(), personal=self._personal(main, part))
         cfg = self.cfg
         plan = make_plan(self.offsets, part, self.first_node, cfg, rnd, self.x.device, self.x.dtype)
         # A contiguous block trains in place; a sampled subset is gathered and written back.
@@ -137,7 +138,21 @@ class BatchedEngine:
             new, delta = scaffold_node_controls(self.control[where], self.server_control, main, params,
                                                 plan.active.sum(0), cfg.lr)
             self.control[where] = new
-        return Chunk(ids, params, delta)
+        return Chunk(ids, params, delta, self._personal(main, part, plan, tick))
+
+    def _personal(self, main: torch.Tensor, part: np.ndarray, plan=None, tick=None) -> Optional[torch.Tensor]:
+        """Ditto: the nodes' personal models trained along the same plan from their kept v_k, pulled to
+        `main` by ditto_lambda, with a fresh momentum buffer; stored and returned [K, P] (None without Ditto)."""
+        if self.personal is None:
+            return None
+        where = torch.from_numpy(part).to(self.x.device)
+        start = ditto_start(self.personal[where], main)
+        if plan is not None:
+            mom = torch.zeros_like(start)
+            start = self.kernel.run(main, mom, self.x, self.y, plan, self.cfg.lr, self.cfg.momentum,
+                                    self.cfg.ditto_lambda, tick, None, start=start)
+        self.personal[where] = start
+        return start
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state kept across rounds, in node order (as SequentialEngine.state)."""

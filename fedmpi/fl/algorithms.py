@@ -61,3 +61,14 @@ def fednova_rows(weights, samples, epochs: int, batch_size: int) -> tuple:
 def fednova_scale(total_weight: float, weighted_steps: float) -> float:
     """The factor on the all-reduced sum of w_i (y_i - x) / tau_i: tau_eff / W = (sum w_i tau_i) / W^2."""
     return weighted_steps / (total_weight * total_weight)
+
+
+# Ditto (Li et al. 2021, Algorithm 1): a selected node trains the global model as FedAvg does (that update
+# alone enters the average) and, for the same local steps, its personal model v_k on
+# F_k(v) + lambda/2 ||v - w||^2, w the global model received this round. v_k never leaves the node.
+
+def ditto_start(personal: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+    """Where K personal models start this round ([K, P]): each kept v_k, or `main` for a node that has
+    never trained (its row still all zero: v_k is initialised to the global model it first receives)."""
+    fresh = ~personal.ne(0).any(dim=1, keepdim=True)
+    return torch.where(fresh, main.to(personal.dtype).unsqueeze(0), personal)

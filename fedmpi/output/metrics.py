@@ -135,6 +135,9 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
                nodes=sum(r["nodes"] for r in per_rank))
     row.update(row_fields("local_acc", merge(r["local"] for r in per_rank)))
     row.update(row_fields("main_on_local_acc", merge(r["main_on_local"] for r in per_rank)))
+    if "personal_local" in per_rank[0]:  # personalization: every rank sends both or neither
+        row.update(row_fields("personal_local_acc", merge(r["personal_local"] for r in per_rank)))
+        row.update(row_fields("main_on_trained_acc", merge(r["main_on_trained"] for r in per_rank)))
     return row
 
 
