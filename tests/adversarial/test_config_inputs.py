@@ -54,6 +54,9 @@ SET_CASES = [  # --set VALUE, what the one line must say
     ("algorithm=scafold", "config key 'algorithm' must be one of fedavg, scaffold, fednova; got 'scafold'"),
     ("algorithm=fednova", "config key 'algorithm': fednova takes plain local SGD with fp32 updates; 'momentum' is 0.9"),
     ("algorithm=" + "s" * 4000, "config key 'algorithm' must be one of"),
+    ("personalize=dito", "config key 'personalize' must be one of none, ditto; got 'dito'"),
+    ("ditto_lambda=-1", "config key 'ditto_lambda' must be in [0.0, 1000000.0]"),
+    ("ditto_lambda=nan", "config key 'ditto_lambda'"),
     ("local_state=forget", "config key 'local_state' must be one of keep, reset; got 'forget'"),
     ("local_state=", "config key 'local_state' must be one of keep, reset; got ''"),
     ("node_metrics_every=-1", "config key 'node_metrics_every' must be in [0, 10000000]"),
@@ -137,6 +140,16 @@ def test_a_hostile_set_value_is_one_line_naming_the_key(tmp_path, ranks, value, 
 def test_scaffold_with_compressed_updates_is_refused_naming_both_keys(tmp_path, ranks):
     refused(base(tmp_path) + ["algorithm=scaffold", "update_dtype=bf16", "--out", "out"], ranks, tmp_path,
             "config key 'algorithm': scaffold sends its control variates in fp32 only; set update_dtype: fp32")
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("extra,expect", [
+    (["algorithm=scaffold"], "config key 'personalize': ditto runs with algorithm fedavg, got 'scaffold'"),
+    (["algorithm=fednova", "momentum=0"], "config key 'personalize': ditto runs with algorithm fedavg, got 'fednova'"),
+    (["local_state=reset"], "config key 'personalize': ditto keeps each node's personal model across rounds"),
+])
+def test_ditto_with_what_it_cannot_take_is_refused_naming_the_key(tmp_path, ranks, extra, expect):
+    refused(base(tmp_path) + ["personalize=ditto", *extra, "--out", "out"], ranks, tmp_path, expect)
 
 
 @pytest.mark.parametrize("ranks", RANKS)
