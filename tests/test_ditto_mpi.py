@@ -70,3 +70,15 @@ def test_resume_restores_the_personal_models(small_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = np.array(personal(reference), dtype=float), np.array(personal(tmp_path / "run"), dtype=float)
     assert a.shape == b.shape == (4, len(PERSONAL)) and np.max(np.abs(a - b)) <= 1e-4
+
+
+@pytest.mark.parametrize("privacy", [["dp=gaussian", "dp_noise_multiplier=0.8", "dp_clip=0.05", "sampling=poisson"],
+                                     ["secure_aggregation=true"]], ids=["dp", "secure_aggregation"])
+def test_dp_and_secure_aggregation_see_fedavgs_update(small_data, tmp_path, privacy):
+    """They act on the global update only: with Ditto the same main model as without it, at -n 2."""
+    with_ditto, without = tmp_path / "ditto", tmp_path / "plain"
+    assert run(small_data, with_ditto, 2, *DITTO, *privacy).returncode == 0
+    assert run(small_data, without, 2, *DITTO, *privacy, "personalize=none").returncode == 0
+    a, b = weights(with_ditto), weights(without)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r["personal_local_acc_mean"] is not None for r in read_metrics(with_ditto))
