@@ -119,7 +119,8 @@ def new_sum(st: Rank):
     """The round's accumulator: float updates (UpdateSum), or fixed-point ones in the ring (secure aggregation)."""
     if st.privacy.secure:
         return secure.RingSum(st.main, FixedPoint(st.privacy.clip, dp.max_round_nodes(st.cfg), st.privacy.bits))
-    return UpdateSum(st.main, wire(st))
+    shared = getattr(st.engine, "shared", None)  # personal layers: only the shared columns travel
+    return UpdateSum(st.main if shared is None else st.main[shared], wire(st))
 
 
 def wire(st: Rank) -> Wire:
@@ -134,7 +135,8 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[]
     update, their local-model accuracies (aligned with `rows`; NaN for a dropped node), their personal
     models' accuracies (Ditto; else None), dropped count, count inside the clip, seconds."""
     update, local_acc, dropped, unclipped = new_sum(st), np.full(len(rows), np.nan), 0, 0
-    personal_acc = np.full(len(rows), np.nan) if st.cfg.personalize != "none" else None
+    personal = st.cfg.personalize != "none" or bool(st.cfg.personal_layers)
+    personal_acc = np.full(len(rows), np.nan) if personal else None
     lx, ly, loffsets = st.local_test
     chunks, t_train = st.engine.train(st.main, rnd, rows, tick), 0.0
     while True:
@@ -150,13 +152,16 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[]
                 chunk.params[row] = float("nan")
         starts, ends = loffsets[ks], loffsets[ks + 1]
         local_acc[at] = stacked_accuracy(st.model, chunk.params, lx, ly, starts, ends - starts)
-        if personal_acc is not None and chunk.personal is not None:
-            personal_acc[at] = stacked_accuracy(st.model, chunk.personal, lx, ly, starts, ends - starts)
+        if personal_acc is not None:  # personal layers: the node's trained model is its personal model
+            personal_acc[at] = local_acc[at] if chunk.personal is None else \
+                stacked_accuracy(st.model, chunk.personal, lx, ly, starts, ends - starts)
         # A row with a NaN or an Inf sums to NaN or Inf (so would weights beyond ~1e33, diverged
         # anyway): one pass over the chunk, no [k, P] boolean tensor.
         finite = torch.isfinite(chunk.params.sum(dim=1))
         finite_host = finite.cpu().numpy()
         local_acc[at[~finite_host]] = np.nan  # a dropped node has no local model to score
+        if personal_acc is not None:
+            personal_acc[at[~finite_host]] = np.nan  # nor a personal one: its per-node state starts afresh
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
         kept, scale = chunk.params[finite], None
         if st.privacy.clipping:  # DP-FedAvg: each node's update projected onto the clip ball before the sum
@@ -167,6 +172,8 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[]
         if st.cfg.algorithm == "fednova":
             weights, tally, extra = fednova_rows(weights, st.samples[ks[finite_host]], st.cfg.local_epochs,
                                                  st.cfg.batch_size)
+        if getattr(st.engine, "shared", None) is not None:
+            kept = kept[:, st.engine.shared]
         if extra is None and tally is None:
             update.add(kept, weights, scale=scale)
         else:
@@ -297,6 +304,11 @@ def aggregate(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: 
 def server_step(st: Rank, buf: np.ndarray, w: Wire) -> None:
     """The server optimizer's step along the mean update; FedNova rescales it, SCAFFOLD moves c too."""
     update_sum, scale = summed_update(buf, w)
+    shared = getattr(st.engine, "shared", None)
+    if shared is not None:  # personal layers: the main model's own values of them never move
+        full = torch.zeros(st.main.numel(), dtype=update_sum.dtype)
+        full[shared.cpu()] = update_sum
+        update_sum = full
     if st.cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
         scale = fednova_scale(trailer(buf, w)[0], float(extra_sum(buf, w)[0]))
     st.main = st.server.step(st.main, update_sum, scale)

@@ -19,7 +19,7 @@ from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_cont
 from .losses import Loss, loss_function
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
-from .state import make_state
+from .state import layer_columns, make_state, with_own_layers
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
 DROPOUT_STREAM = 2  # seed stream of a node's random draws inside the model (Dropout)
@@ -106,7 +106,10 @@ class SequentialEngine:
         size = sum(p.numel() for p in self.params)
         # local_state keep: each node keeps its momentum across rounds, as with one optimizer per node
         # in the tutorial; stateless, one zero buffer is reused by every node (a fresh optimizer each round).
-        self.store = make_state(cfg, len(offsets) - 1, size, x.device)
+        self.cols, self.shared = layer_columns(cfg, model, size, x.device)  # personal layers' columns, or None
+        self.store = make_state(cfg, len(offsets) - 1, size, x.device,
+                                widths=None if self.cols is None else {"layers": len(self.cols)})
+        self.layers = self.store.get("layers")  # each node's own values of its personal layers
         self.momentum = self.store.get("momentum")
         self.fresh = None if self.momentum is not None else torch.zeros(size, device=x.device)
         self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
@@ -122,7 +125,8 @@ class SequentialEngine:
         for k in (range(len(self.offsets) - 1) if rows is None else rows):
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
-            load_flat(self.params, main)
+            load_flat(self.params, main if self.layers is None else
+                      with_own_layers(main, self.layers[k:k + 1], self.cols)[0])
             corr = None
             if self.control is not None:
                 corr = views(scaffold_correction(self.server_control, self.control[k:k + 1])[0], self.params)
@@ -135,6 +139,8 @@ class SequentialEngine:
                            batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
                            self.loss, corr)
             params = flatten(self.params)[None]
+            if self.layers is not None:
+                self.layers[k] = params[0, self.cols]
             delta = None
             if self.control is not None:
                 steps = torch.tensor([cfg.local_epochs * -(-(b - a) // cfg.batch_size)], device=params.device)

@@ -72,3 +72,38 @@ def ditto_start(personal: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
     never trained (its row still all zero: v_k is initialised to the global model it first receives)."""
     fresh = ~personal.ne(0).any(dim=1, keepdim=True)
     return torch.where(fresh, main.to(personal.dtype).unsqueeze(0), personal)
+
+
+# FedPer (Arivazhagan et al. 2019): the layers named by `personal_layers` stay on each node and never
+# enter the average; the rest is shared. A prefix names a parameter by its full name or a dotted head.
+
+def personal_columns(named: list[tuple[str, int]], prefixes: list[str]) -> torch.Tensor:
+    """The flat-vector columns (ascending) of the parameters whose names match one of `prefixes`, from
+    (name, numel) in model.parameters() order; a prefix that names no parameter, or taking every one,
+    is a ConfigError naming it."""
+    from ..errors import ConfigError
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    for prefix in prefixes:
+        if not any(matches(name, prefix) for name, _ in named):
+            some = ", ".join(name for name, _ in named[:12])
+            raise ConfigError(f"config key 'personal_layers': no parameter of the model is {prefix!r} or starts with "
+                              f"'{prefix}.' (its parameters: {some})")
+    cols, at = [], 0
+    for name, size in named:
+        if any(matches(name, p) for p in prefixes):
+            cols.append(torch.arange(at, at + size))
+        at += size
+    picked = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64)
+    if len(picked) == at:
+        raise ConfigError("config key 'personal_layers' names every parameter of the model: nothing would be shared")
+    return picked
+
+
+def shared_columns(personal: torch.Tensor, size: int) -> torch.Tensor:
+    """The columns of a flat vector of `size` values not in `personal` (ascending)."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[personal] = False
+    return keep.nonzero().squeeze(1)

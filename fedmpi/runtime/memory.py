@@ -91,6 +91,7 @@ class Work:
     node_state: int = 1  # [nodes, P] tensors kept across rounds: 1 (momentum) with local_state keep, 0 stateless
     control: bool = False  # SCAFFOLD: control variates per node and on the server, a second half of the payload
     personal: bool = False  # Ditto: a personal model per node, trained after the global one in each chunk
+    own_layers: int = 0  # personal layers: values each node keeps of its own
 
 
 def chunk_bytes(rows: RankRows, w: Work) -> int:
@@ -121,7 +122,8 @@ def rank_parts(rows: RankRows, w: Work, gpu: bool) -> dict[str, int]:
             "chunk working set": w.workers * chunk_bytes(rows, w),
             "centralized baseline": rows.central * row + (4 * w.params * FLOAT if rows.central else 0),
             **control_parts(rows, w),
-            **({"personal models": rows.nodes * w.params * FLOAT} if w.personal else {})}
+            **({"personal models": rows.nodes * w.params * FLOAT} if w.personal else {}),
+            **({"personal layers": rows.nodes * w.own_layers * FLOAT} if w.own_layers else {})}
 
 
 def control_parts(rows: RankRows, w: Work) -> dict[str, int]:
