@@ -259,6 +259,9 @@ def round_part(st: Rank, t_train: float, t_collective: float, rows: np.ndarray, 
         everyone[rows] = local_acc
         part["block"] = dict(first=st.first, rank=st.comm.rank, samples=st.samples, local_acc=everyone,
                              main_on_local_acc=main_on_local)
+        if personal_acc is not None:  # personalization: the round's personal models, NaN for the others
+            part["block"]["personal_local_acc"] = np.full(len(st.samples), np.nan)
+            part["block"]["personal_local_acc"][rows] = personal_acc
     return part
 
 

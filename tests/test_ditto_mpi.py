@@ -82,3 +82,18 @@ def test_dp_and_secure_aggregation_see_fedavgs_update(small_data, tmp_path, priv
     a, b = weights(with_ditto), weights(without)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(r["personal_local_acc_mean"] is not None for r in read_metrics(with_ditto))
+
+
+def test_nodes_csv_lists_the_last_rounds_personal_scores(runs):
+    import csv
+
+    tables = {n: list(csv.DictReader((runs[n] / "nodes.csv").open())) for n in (1, 2, 4)}
+    assert list(tables[1][0])[-1] == "personal_local_acc"
+    scored = [r for r in tables[1] if r["personal_local_acc"] != ""]
+    assert len(scored) == 4 and all(r["local_acc"] != "" for r in scored)  # fraction 0.5 of 8 nodes trained
+    for n in (2, 4):
+        assert [r["personal_local_acc"] != "" for r in tables[n]] == [r["personal_local_acc"] != "" for r in tables[1]]
+        for a, b in zip(tables[n], tables[1]):
+            assert a["personal_local_acc"] == "" or abs(float(a["personal_local_acc"]) -
+                                                       float(b["personal_local_acc"])) <= 1e-4
+    assert "personal_local_acc" not in next(csv.DictReader((runs["fedavg"] / "nodes.csv").open()))
