@@ -40,6 +40,7 @@ SERVER_OPTS = ("none", "fedavgm", "fedadam", "fedyogi")
 UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
+PERSONALIZE = ("none", "ditto")
 LOCAL_STATES = ("keep", "reset")
 DP_MODES = ("none", "gaussian")
 SAMPLINGS = ("fixed", "poisson")
@@ -47,6 +48,7 @@ DP_ACCOUNTANTS = ("rdp", "pld")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
            "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES,
+           "personalize": PERSONALIZE,
            "dp": DP_MODES, "sampling": SAMPLINGS, "dp_accountant": DP_ACCOUNTANTS}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
@@ -83,6 +85,7 @@ BOUNDS: dict[str, tuple] = {
     "server_beta2": (0.0, 1.0, False, True),
     "server_tau": (1e-12, 10.0, False, False),    # tau^2 must stay a normal float32
     "prox_mu": (0.0, 1000.0, False, False),
+    "ditto_lambda": (0.0, 1e6, False, False),
     # Privacy (fl/dp.py); an Optional key left null skips its bounds.
     "dp_clip": (1e-6, 1e6, False, False),          # the fixed-point ring needs 2^f * clip >= 1
     "dp_noise_multiplier": (0.0, 1000.0, False, False),  # the accountant's solver range ends at 1000
@@ -151,6 +154,9 @@ class Config:
     prox_mu: float = 0.0
     update_dtype: str = "fp32"
     algorithm: str = "fedavg"       # scaffold: SCAFFOLD's control variates (Karimireddy et al. 2020, option II)
+    personalize: str = "none"       # ditto: a personal model per node beside the global one (Li et al. 2021)
+    ditto_lambda: float = 1.0       # ditto: the personal model's proximal pull lambda/2 ||v - w||^2 to the global model
+    personal_layers: list = field(default_factory=list)  # FedPer: parameter name prefixes that stay on each node
     tensorboard: bool = False       # every round's scalars under RUN_DIR/tensorboard/ (the tensorboard extra)
     # Differential privacy and secure aggregation (fl/dp.py, fl/secure.py; README "Differential privacy").
     sampling: str = "fixed"         # fixed: m = C*N of N without replacement; poisson: each node with probability C
@@ -202,6 +208,7 @@ class Config:
         if self.algorithm != "fedavg" and (self.dp != "none" or self.secure_aggregation):
             # Their extra values (control deltas, step counts) would need their own clip, noise and ring.
             raise ConfigError(f"config key 'algorithm': {self.algorithm} runs without dp and secure_aggregation")
+        self._check_personalize()
         if self.algorithm == "fednova":
             # Its normalization counts plain SGD steps: a momentum buffer kept across rounds, a proximal
             # term or a pre-divided half-precision update would each need another rule.
@@ -210,6 +217,30 @@ class Config:
                 if bad:
                     raise ConfigError(f"config key 'algorithm': fednova takes plain local SGD with fp32 updates; "
                                       f"'{key}' is {getattr(self, key)!r}")
+
+    def _check_personalize(self) -> None:
+        """Ditto keeps each node's personal model across rounds, beside plain FedAvg-style local training;
+        personal layers keep part of each node's model out of the average."""
+        if self.personal_layers:
+            self._check_personal_layers()
+        if self.personalize != "ditto":
+            return
+        if self.algorithm != "fedavg":
+            raise ConfigError(f"config key 'personalize': ditto runs with algorithm fedavg, got {self.algorithm!r}")
+        if self.personal_layers:
+            raise ConfigError("config key 'personal_layers': choose one personalization, ditto or personal layers")
+        if self.local_state == "reset":
+            raise ConfigError("config key 'personalize': ditto keeps each node's personal model across rounds; "
+                              "it cannot run with local_state: reset")
+
+    def _check_personal_layers(self) -> None:
+        """What personal layers combine with: plain fp32 FedAvg-style updates of the shared layers only."""
+        for key, bad in (("algorithm", self.algorithm != "fedavg"), ("local_state", self.local_state == "reset"),
+                         ("dp", self.dp != "none"), ("secure_aggregation", self.secure_aggregation),
+                         ("update_dtype", self.update_dtype != "fp32"), ("prox_mu", self.prox_mu != 0)):
+            if bad:
+                raise ConfigError(f"config key 'personal_layers' runs with fedavg, local_state keep, fp32 updates, "
+                                  f"no dp, secure aggregation or prox_mu; '{key}' is {getattr(self, key)!r}")
 
     def _check_synthetic_shape(self) -> None:
         dims = synthetic_dims(self.synthetic_shape)
@@ -265,10 +296,13 @@ def synthetic_dims(text: str) -> tuple[int, ...]:
 def node_state_names(cfg: Any) -> tuple[str, ...]:
     """The per-node tensors a run keeps across rounds (what its checkpoints carry): momentum with
     local_state keep and momentum > 0 (at momentum 0 a buffer never reaches the next round's math, so
-    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold."""
+    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold; Ditto's
+    personal models under personalize: ditto."""
     keep = getattr(cfg, "local_state", "keep") == "keep" and getattr(cfg, "momentum", 0.0) > 0
     scaffold = getattr(cfg, "algorithm", "fedavg") == "scaffold"  # SCAFFOLD's c_i
-    return ("momentum",) * keep + ("control",) * scaffold
+    ditto = getattr(cfg, "personalize", "none") == "ditto"  # Ditto's personal models v_k
+    layers = bool(getattr(cfg, "personal_layers", []))  # FedPer: each node's own values of those layers
+    return ("momentum",) * keep + ("control",) * scaffold + ("personal",) * ditto + ("layers",) * layers
 
 
 def placeholders(template: str) -> list[str]:
@@ -317,6 +351,8 @@ def coerce(name: str, type_name: Any, value: Any) -> Any:
         return _bool_value(name, value)
     if kind == "dict":
         return keyword_args(name, value)
+    if kind == "list":
+        return _names_value(name, value)
     if isinstance(value, str):
         if "\x00" in value:
             raise ConfigError(f"config key '{name}' must be text without NUL bytes, got {_show(value)}")
@@ -325,6 +361,27 @@ def coerce(name: str, type_name: Any, value: Any) -> Any:
         return value
     null = " or null" if type_name != "str" else ""
     raise ConfigError(f"config key '{name}' must be a string{null}, got {_show(value)}")
+
+
+MAX_NAMES = 64  # entries of a list of names (personal_layers)
+
+
+def _names_value(name: str, value: Any) -> list:
+    """A list of names: a YAML list of strings, or text "a, b" / "[a, b]" (from --set); each 1..255 characters."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        inner = value.strip()
+        inner = inner[1:-1] if inner.startswith("[") and inner.endswith("]") else inner
+        value = [part.strip() for part in inner.split(",")] if inner.strip() else []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key '{name}' must be a list of names, got {_show(value)}")
+    if len(value) > MAX_NAMES:
+        raise ConfigError(f"config key '{name}' has {len(value)} entries, at most {MAX_NAMES}")
+    for item in value:
+        if not isinstance(item, str) or not 1 <= len(item) <= 255 or "\x00" in item or item != item.strip():
+            raise ConfigError(f"config key '{name}' must hold names of 1 to 255 characters, got {_show(item)}")
+    return list(value)
 
 
 def _int_value(name: str, value: Any) -> int:
@@ -400,7 +457,7 @@ def _check_range(name: str, value: float, low: Optional[float] = None, high: Opt
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
-PLACEHOLDER_KEYS = frozenset(FIELD_TYPES) - {"data_file", "model_args"}
+PLACEHOLDER_KEYS = frozenset(FIELD_TYPES) - {"data_file", "model_args", "personal_layers"}
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

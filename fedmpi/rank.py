@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .fl import dp, secure, server
 from .fl.aggregate import node_weights
 from .fl.sampling import local_selection, sample_count
+from .fl.algorithms import personal_columns
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory, watchdog
 from .runtime.agree import on_every_rank, on_rank0
@@ -114,6 +115,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     shape, classes, scale = tuple(attrs["input_shape"]), int(attrs["classes"]), float(attrs.get("pixel_scale", 1.0))
     model = build_model(cfg.model, shape, classes, cfg.seed, cfg.model_args).to(device)
     resident = block_bytes(path, train_offsets, mine) <= cfg.data_resident_bytes
+    check_personal_layers(cfg, model)
     check_memory(cfg, comm, device, model, path, mine, shape, resident)
     announce(comm, f"reading the shards of {cfg.nodes} nodes ({comm.size} {plural(comm.size, 'rank')}) from {path}")
     x, y, offsets, counts, reader = training_rows(cfg, path, train_offsets, mine, resident, shape, classes,
@@ -202,7 +204,10 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
     work = memory.Work(math.prod(sample.shape[1:]), sum(p.numel() for p in model.parameters()),
                        activation_bytes(model, sample), min(chunk, max(1, len(mine))), workers,
                        cfg.batch_size, cfg.local_epochs, node_state=node_state_names(cfg).count("momentum"),
-                       control=cfg.algorithm == "scaffold", pixel_bytes=pixel_bytes)
+                       control=cfg.algorithm == "scaffold", pixel_bytes=pixel_bytes,
+                       personal=cfg.personalize == "ditto",
+                       own_layers=len(personal_columns([(n, p.numel()) for n, p in model.named_parameters()],
+                                                       cfg.personal_layers)) if cfg.personal_layers else 0)
     gpu = device.type == "cuda"
     report = memory.Report(comm.rank, platform.node(), str(device) if gpu else "cpu",
                            memory.rank_parts(rows, work, gpu), memory.host_available(),
@@ -212,6 +217,17 @@ def check_memory(cfg: Config, comm, device: torch.device, model: torch.nn.Module
         err = ConfigError(problem)
         err.everywhere = True  # decided from the allgathered reports: the same on every rank
         raise err
+
+
+def check_personal_layers(cfg: Config, model) -> None:
+    """personal_layers name parameters of this model, checked before any node's data is read; every rank
+    builds the same model, so every rank refuses alike."""
+    if cfg.personal_layers:
+        try:
+            personal_columns([(n, p.numel()) for n, p in model.named_parameters()], cfg.personal_layers)
+        except ConfigError as err:
+            err.everywhere = True
+            raise
 
 
 def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
@@ -224,8 +240,10 @@ def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
     if scaffold:
         st.engine.server_control.copy_(state.pop("control").to(st.device))
     st.server.load_state(state, st.device)  # on the main model's device, or its step mixes devices
+    row_values = sum(t.shape[1] for t in nodes.values())  # a node file's values per node, all tensors together
     for key, tensor in nodes.items():
-        tensor.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, tensor, key, len(nodes)).to(st.device))
+        tensor.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, tensor, key, row_values=row_values)
+                     .to(st.device))
     st.done_rounds = meta["round"]
     try:
         dp.resume(st.privacy, meta)

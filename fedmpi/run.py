@@ -110,17 +110,18 @@ def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> 
     try:
         with stop.interruptible():
             faults.maybe_inject(st.comm.rank, rnd, "training")
-            update, local_acc, dropped, unclipped, t_train = train_local(st, rnd, rows, tick)
+            update, local_acc, personal_acc, dropped, unclipped, t_train = train_local(st, rnd, rows, tick)
     except Interrupted:
-        return new_sum(st), None, 0, 0, 0.0, True
-    return update, local_acc, dropped, unclipped, t_train, False
+        return new_sum(st), None, None, 0, 0, 0.0, True
+    return update, local_acc, personal_acc, dropped, unclipped, t_train, False
 
 
 def new_sum(st: Rank):
     """The round's accumulator: float updates (UpdateSum), or fixed-point ones in the ring (secure aggregation)."""
     if st.privacy.secure:
         return secure.RingSum(st.main, FixedPoint(st.privacy.clip, dp.max_round_nodes(st.cfg), st.privacy.bits))
-    return UpdateSum(st.main, wire(st))
+    shared = getattr(st.engine, "shared", None)  # personal layers: only the shared columns travel
+    return UpdateSum(st.main if shared is None else st.main[shared], wire(st))
 
 
 def wire(st: Rank) -> Wire:
@@ -132,9 +133,11 @@ def wire(st: Rank) -> Wire:
 
 def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[], None]] = None) -> tuple:
     """Train this rank's selected nodes (local indices `rows`, ascending); returns their summed (clipped)
-    update, their local-model accuracies (aligned with `rows`; NaN for a dropped node), dropped count,
-    count inside the clip, seconds."""
+    update, their local-model accuracies (aligned with `rows`; NaN for a dropped node), their personal
+    models' accuracies (Ditto; else None), dropped count, count inside the clip, seconds."""
     update, local_acc, dropped, unclipped = new_sum(st), np.full(len(rows), np.nan), 0, 0
+    personal = st.cfg.personalize != "none" or bool(st.cfg.personal_layers)
+    personal_acc = np.full(len(rows), np.nan) if personal else None
     lx, ly, loffsets = st.local_test
     chunks, t_train = st.engine.train(st.main, rnd, rows, tick), 0.0
     while True:
@@ -142,7 +145,7 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[]
         chunk = next(chunks, None)
         t_train += sync(st.device) - t0
         if chunk is None:
-            return update, local_acc, dropped, unclipped, t_train
+            return update, local_acc, personal_acc, dropped, unclipped, t_train
         ks = np.array([n - st.first for n in chunk.nodes])
         at = np.searchsorted(rows, ks)
         for row, node in enumerate(chunk.nodes):
@@ -150,11 +153,16 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[]
                 chunk.params[row] = float("nan")
         starts, ends = loffsets[ks], loffsets[ks + 1]
         local_acc[at] = stacked_accuracy(st.model, chunk.params, lx, ly, starts, ends - starts)
+        if personal_acc is not None:  # personal layers: the node's trained model is its personal model
+            personal_acc[at] = local_acc[at] if chunk.personal is None else \
+                stacked_accuracy(st.model, chunk.personal, lx, ly, starts, ends - starts)
         # A row with a NaN or an Inf sums to NaN or Inf (so would weights beyond ~1e33, diverged
         # anyway): one pass over the chunk, no [k, P] boolean tensor.
         finite = torch.isfinite(chunk.params.sum(dim=1))
         finite_host = finite.cpu().numpy()
         local_acc[at[~finite_host]] = np.nan  # a dropped node has no local model to score
+        if personal_acc is not None:
+            personal_acc[at[~finite_host]] = np.nan  # nor a personal one: its per-node state starts afresh
         dropped += drop_diverged(st, chunk.nodes, finite_host, rnd)
         kept, scale = chunk.params[finite], None
         if st.privacy.clipping:  # DP-FedAvg: each node's update projected onto the clip ball before the sum
@@ -165,6 +173,8 @@ def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[]
         if st.cfg.algorithm == "fednova":
             weights, tally, extra = fednova_rows(weights, st.samples[ks[finite_host]], st.cfg.local_epochs,
                                                  st.cfg.batch_size)
+        if getattr(st.engine, "shared", None) is not None:
+            kept = kept[:, st.engine.shared]
         if extra is None and tally is None:
             update.add(kept, weights, scale=scale)
         else:
@@ -200,7 +210,8 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     # 2. local training of this rank's selected nodes, starting from the main model; a stop signal
     #    interrupts it within a step, and the rank votes to abandon the round.
     undo = MomentumUndo(st, rows)
-    update, local_acc, dropped, unclipped, t_train, interrupted = train_or_interrupt(st, rnd, rows, stop)
+    update, local_acc, personal_acc, dropped, unclipped, t_train, interrupted = train_or_interrupt(st, rnd, rows,
+                                                                                                   stop)
     faults.maybe_inject(st.comm.rank, rnd)
     # 3. one Allreduce, then the server optimizer's step along the mean update; the stop vote: 1 for
     #    a signal that came after training (the round completes), INTERRUPTED for one during it.
@@ -222,7 +233,8 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
     # 5. record: rank 0 gathers every rank's timings and fixed-size score summaries; every node's
     #    scores only in a nodes.csv round.
     t2 = time.perf_counter()
-    per_rank = st.comm.gather(round_part(st, t_train, timing.t_collective, rows, local_acc, main_on_local, listed))
+    per_rank = st.comm.gather(round_part(st, t_train, timing.t_collective, rows, local_acc, main_on_local, listed,
+                                         personal_acc))
     if per_rank is None:
         return RoundResult(None, None, stop_all)
     row = metrics_row(rnd, test, per_rank, st.central, buf.nbytes, st.comm.size, t_eval, time.perf_counter() - t0)
@@ -239,16 +251,24 @@ def run_round(st: Rank, rnd: int, stop: StopFlag) -> RoundResult:
 
 
 def round_part(st: Rank, t_train: float, t_collective: float, rows: np.ndarray, local_acc: np.ndarray,
-               main_on_local: Optional[np.ndarray], listed: bool) -> dict:
+               main_on_local: Optional[np.ndarray], listed: bool, personal_acc: Optional[np.ndarray] = None) -> dict:
     """What this rank sends rank 0 for the row: timings and fixed-size score summaries, and in a
-    nodes.csv round its block of every node's scores (NaN local_acc for a node that did not train)."""
+    nodes.csv round its block of every node's scores (NaN local_acc for a node that did not train).
+    With personalization also the summaries of the round's personal models and of the new main model on
+    the same nodes' splits."""
     part = dict(t_train=t_train, t_collective=t_collective, nodes=len(st.samples), local=summary(local_acc),
                 main_on_local=None if main_on_local is None else summary(main_on_local))
+    if personal_acc is not None:
+        part["personal_local"] = summary(personal_acc)
+        part["main_on_trained"] = None if main_on_local is None else summary(main_on_local[rows])
     if listed:
         everyone = np.full(len(st.samples), np.nan)
         everyone[rows] = local_acc
         part["block"] = dict(first=st.first, rank=st.comm.rank, samples=st.samples, local_acc=everyone,
                              main_on_local_acc=main_on_local)
+        if personal_acc is not None:  # personalization: the round's personal models, NaN for the others
+            part["block"]["personal_local_acc"] = np.full(len(st.samples), np.nan)
+            part["block"]["personal_local_acc"][rows] = personal_acc
     return part
 
 
@@ -294,6 +314,11 @@ def aggregate(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: 
 def server_step(st: Rank, buf: np.ndarray, w: Wire) -> None:
     """The server optimizer's step along the mean update; FedNova rescales it, SCAFFOLD moves c too."""
     update_sum, scale = summed_update(buf, w)
+    shared = getattr(st.engine, "shared", None)
+    if shared is not None:  # personal layers: the main model's own values of them never move
+        full = torch.zeros(st.main.numel(), dtype=update_sum.dtype)
+        full[shared.cpu()] = update_sum
+        update_sum = full
     if st.cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
         scale = fednova_scale(trailer(buf, w)[0], float(extra_sum(buf, w)[0]))
     st.main = st.server.step(st.main, update_sum, scale)

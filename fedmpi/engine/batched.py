@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..fl.algorithms import scaffold_correction, scaffold_node_controls
+from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_controls
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
 from .sequential import Chunk, compute_dtype, scaffold_state
-from .state import make_state
+from .state import layer_columns, make_state, with_own_layers
 from .vmap import VmapKernel
 
 # CPU working-set budget for one chunk (params + momentum + grads + activations). About the
@@ -90,9 +90,13 @@ class BatchedEngine:
         check_stackable(model)
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
-        self.store = make_state(cfg, nodes, size, x.device, x.dtype)
+        self.cols, self.shared = layer_columns(cfg, model, size, x.device)  # personal layers' columns, or None
+        self.store = make_state(cfg, nodes, size, x.device, x.dtype,
+                                None if self.cols is None else {"layers": len(self.cols)})
+        self.layers = self.store.get("layers")  # each node's own values of its personal layers
         self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
         self.control, self.server_control = scaffold_state(self.store, size)
+        self.personal = self.store.get("personal")  # Ditto's v_k, or None
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
@@ -117,8 +121,11 @@ class BatchedEngine:
 
     def _train_part(self, main: torch.Tensor, rnd: int, part: np.ndarray, tick: Optional[Callable[[], None]]) -> Chunk:
         ids = [self.first_node + int(k) for k in part]
-        if np.diff(self.offsets)[part].sum() == 0:  # no data at all: the nodes keep `main`
-            return Chunk(ids, main.expand(len(part), -1).clone())
+        where = torch.from_numpy(part).to(self.x.device)
+        start = None if self.layers is None else with_own_layers(main, self.layers[where], self.cols)
+        if np.diff(self.offsets)[part].sum() == 0:  # no data at all: the nodes keep `main` (and their own layers)
+            params = main.expand(len(part), -1).clone() if start is None else start
+            return Chunk(ids, params, personal=self._personal(main, part))
         cfg = self.cfg
         plan = make_plan(self.offsets, part, self.first_node, cfg, rnd, self.x.device, self.x.dtype)
         # A contiguous block trains in place; a sampled subset is gathered and written back.
@@ -127,9 +134,11 @@ class BatchedEngine:
             mom = torch.zeros(len(part), main.numel(), device=self.x.device, dtype=main.dtype)
         else:
             mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
-        where = torch.from_numpy(part).to(self.x.device)
         corr = None if self.control is None else scaffold_correction(self.server_control, self.control[where])
-        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick, corr)
+        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick, corr,
+                                 start=start)
+        if self.layers is not None:
+            self.layers[where] = params[:, self.cols]
         if not block and self.momentum is not None:
             self.momentum[torch.from_numpy(part)] = mom
         delta = None
@@ -137,7 +146,21 @@ class BatchedEngine:
             new, delta = scaffold_node_controls(self.control[where], self.server_control, main, params,
                                                 plan.active.sum(0), cfg.lr)
             self.control[where] = new
-        return Chunk(ids, params, delta)
+        return Chunk(ids, params, delta, self._personal(main, part, plan, tick))
+
+    def _personal(self, main: torch.Tensor, part: np.ndarray, plan=None, tick=None) -> Optional[torch.Tensor]:
+        """Ditto: the nodes' personal models trained along the same plan from their kept v_k, pulled to
+        `main` by ditto_lambda, with a fresh momentum buffer; stored and returned [K, P] (None without Ditto)."""
+        if self.personal is None:
+            return None
+        where = torch.from_numpy(part).to(self.x.device)
+        start = ditto_start(self.personal[where], main)
+        if plan is not None:
+            mom = torch.zeros_like(start)
+            start = self.kernel.run(main, mom, self.x, self.y, plan, self.cfg.lr, self.cfg.momentum,
+                                    self.cfg.ditto_lambda, tick, None, start=start)
+        self.personal[where] = start
+        return start
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state kept across rounds, in node order (as SequentialEngine.state)."""

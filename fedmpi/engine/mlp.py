@@ -51,12 +51,13 @@ class MLPKernel:
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0,
-            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
-        `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
-        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient."""
+            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None,
+            start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Train K nodes from `main` (or from `start` [K, P]) along `plan`; momentum `mom` [K, P] is updated
+        in place. `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
+        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient; the proximal term pulls to `main`."""
         K = mom.shape[0]
-        params = self._split(main.expand(K, -1))
+        params = self._split(main.expand(K, -1) if start is None else start)
         bufs = self._split(mom)
         anchor = self._split(main[None]) if mu else None
         corr = self._split(corr.to(mom.dtype)) if corr is not None else None

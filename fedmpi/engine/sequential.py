@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fl.algorithms import scaffold_correction, scaffold_node_controls
+from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_controls
 from .losses import Loss, loss_function
 from .params import flatten, load_flat, views
 from .prox import add_proximal_
-from .state import make_state
+from .state import layer_columns, make_state, with_own_layers
 
 CENTRAL_STREAM = 1  # seed stream of the centralized baseline; nodes use stream 0
 DROPOUT_STREAM = 2  # seed stream of a node's random draws inside the model (Dropout)
@@ -92,6 +92,7 @@ class Chunk:
     nodes: list[int]
     params: torch.Tensor
     control_delta: Optional[torch.Tensor] = None  # SCAFFOLD: c_i+ - c_i [k, P]
+    personal: Optional[torch.Tensor] = None  # Ditto: the nodes' personal models v_k after this round [k, P]
 
 
 class SequentialEngine:
@@ -105,11 +106,15 @@ class SequentialEngine:
         size = sum(p.numel() for p in self.params)
         # local_state keep: each node keeps its momentum across rounds, as with one optimizer per node
         # in the tutorial; stateless, one zero buffer is reused by every node (a fresh optimizer each round).
-        self.store = make_state(cfg, len(offsets) - 1, size, x.device)
+        self.cols, self.shared = layer_columns(cfg, model, size, x.device)  # personal layers' columns, or None
+        self.store = make_state(cfg, len(offsets) - 1, size, x.device,
+                                widths=None if self.cols is None else {"layers": len(self.cols)})
+        self.layers = self.store.get("layers")  # each node's own values of its personal layers
         self.momentum = self.store.get("momentum")
         self.fresh = None if self.momentum is not None else torch.zeros(size, device=x.device)
         self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         self.control, self.server_control = scaffold_state(self.store, size)
+        self.personal = self.store.get("personal")  # Ditto's v_k, or None
 
     def train(self, main: torch.Tensor, rnd: int, rows: Optional[np.ndarray] = None,
               tick: Optional[Callable[[], None]] = None) -> Iterator[Chunk]:
@@ -120,7 +125,8 @@ class SequentialEngine:
         for k in (range(len(self.offsets) - 1) if rows is None else rows):
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
-            load_flat(self.params, main)
+            load_flat(self.params, main if self.layers is None else
+                      with_own_layers(main, self.layers[k:k + 1], self.cols)[0])
             corr = None
             if self.control is not None:
                 corr = views(scaffold_correction(self.server_control, self.control[k:k + 1])[0], self.params)
@@ -133,12 +139,30 @@ class SequentialEngine:
                            batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
                            self.loss, corr)
             params = flatten(self.params)[None]
+            if self.layers is not None:
+                self.layers[k] = params[0, self.cols]
             delta = None
             if self.control is not None:
                 steps = torch.tensor([cfg.local_epochs * -(-(b - a) // cfg.batch_size)], device=params.device)
                 self.control[k:k + 1], delta = scaffold_node_controls(self.control[k:k + 1], self.server_control,
                                                                       main, params, steps, cfg.lr)
-            yield Chunk([node], params, delta)
+            yield Chunk([node], params, delta, self._personal(int(k), rnd, main, anchor, tick))
+
+    def _personal(self, k: int, rnd: int, main: torch.Tensor, anchor: list, tick) -> Optional[torch.Tensor]:
+        """Ditto: node k's personal model trained on the same batches from its kept v_k, pulled to `main`
+        by ditto_lambda, with a fresh momentum buffer; stored and returned [1, P] (None without Ditto)."""
+        if self.personal is None:
+            return None
+        cfg, node = self.cfg, self.first_node + k
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        load_flat(self.params, ditto_start(self.personal[k:k + 1], main)[0])
+        buf = torch.zeros_like(main)
+        with node_random(self.x.device, cfg.seed, node, rnd):
+            sgd_epochs(self.model, views(buf, self.params), self.x[a:b], self.y[a:b], cfg.local_epochs,
+                       cfg.batch_size, cfg.lr, cfg.momentum, batch_generator(cfg.seed, node, rnd),
+                       cfg.ditto_lambda, anchor, compute_dtype(cfg), tick, self.loss)
+        self.personal[k] = flatten(self.params)
+        return self.personal[k:k + 1].clone()
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state kept across rounds, in node order: momentum (local_state keep, momentum > 0) and

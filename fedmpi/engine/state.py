@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..config import node_state_names
+from ..fl.algorithms import ditto_start, personal_columns, shared_columns
 
 
 class NodeState:
@@ -23,10 +24,11 @@ class NodeState:
         self.nodes, self.size, self.device, self.dtype = nodes, size, device, dtype
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def register(self, name: str) -> torch.Tensor:
-        """Allocate the zero-filled tensor `name` (once; a second call returns the same one)."""
+    def register(self, name: str, size: Optional[int] = None) -> torch.Tensor:
+        """Allocate the zero-filled tensor `name` [nodes, size or P] (once; a second call returns the same one)."""
         if name not in self.tensors:
-            self.tensors[name] = torch.zeros(self.nodes, self.size, device=self.device, dtype=self.dtype)
+            width = self.size if size is None else size
+            self.tensors[name] = torch.zeros(self.nodes, width, device=self.device, dtype=self.dtype)
         return self.tensors[name]
 
     def get(self, name: str) -> Optional[torch.Tensor]:
@@ -47,9 +49,29 @@ class NodeState:
         return dict(self.tensors)
 
 
-def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> NodeState:
-    """The store with every tensor this config keeps already registered."""
+def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None,
+               widths: Optional[dict] = None) -> NodeState:
+    """The store with every tensor this config keeps already registered; `widths`: names narrower than P
+    (personal layers: only their columns)."""
     store = NodeState(nodes, size, device, dtype)
     for name in node_state_names(cfg):
-        store.register(name)
+        store.register(name, (widths or {}).get(name))
     return store
+
+
+def layer_columns(cfg, model, size: int, device: torch.device) -> tuple:
+    """(the flat columns of the model's personal layers (config key personal_layers), the shared columns),
+    both on `device`; (None, None) without personal layers."""
+    prefixes = getattr(cfg, "personal_layers", None)
+    if not prefixes:
+        return None, None
+    cols = personal_columns([(n, p.numel()) for n, p in model.named_parameters()], prefixes)
+    return cols.to(device), shared_columns(cols, size).to(device)
+
+
+def with_own_layers(main: torch.Tensor, own: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """K starting points [K, P]: `main` with each node's own values of the personal columns (`own` [K, len(cols)];
+    a node that has not trained yet, its row all zero, starts from main's values)."""
+    start = main.expand(own.shape[0], -1).clone()
+    start[:, cols] = ditto_start(own, main[cols])
+    return start

@@ -48,12 +48,13 @@ class VmapKernel:
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0,
-            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
-        `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
-        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient."""
+            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None,
+            start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Train K nodes from `main` (or from `start` [K, P]) along `plan`; momentum `mom` [K, P] is updated
+        in place. `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
+        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient; the proximal term pulls to `main`."""
         K, grads = mom.shape[0], self._grads()
-        flat = main.expand(K, -1).clone()
+        flat = (main.expand(K, -1) if start is None else start).clone()
         params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
                                        zip(views_k(flat, self.like), self.like)]))
         for s in range(plan.idx.shape[0]):

@@ -61,3 +61,49 @@ def fednova_rows(weights, samples, epochs: int, batch_size: int) -> tuple:
 def fednova_scale(total_weight: float, weighted_steps: float) -> float:
     """The factor on the all-reduced sum of w_i (y_i - x) / tau_i: tau_eff / W = (sum w_i tau_i) / W^2."""
     return weighted_steps / (total_weight * total_weight)
+
+
+# Ditto (Li et al. 2021, Algorithm 1): a selected node trains the global model as FedAvg does (that update
+# alone enters the average) and, for the same local steps, its personal model v_k on
+# F_k(v) + lambda/2 ||v - w||^2, w the global model received this round. v_k never leaves the node.
+
+def ditto_start(personal: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+    """Where K personal models start this round ([K, P]): each kept v_k, or `main` for a node that has
+    never trained (its row still all zero: v_k is initialised to the global model it first receives)."""
+    fresh = ~personal.ne(0).any(dim=1, keepdim=True)
+    return torch.where(fresh, main.to(personal.dtype).unsqueeze(0), personal)
+
+
+# FedPer (Arivazhagan et al. 2019): the layers named by `personal_layers` stay on each node and never
+# enter the average; the rest is shared. A prefix names a parameter by its full name or a dotted head.
+
+def personal_columns(named: list[tuple[str, int]], prefixes: list[str]) -> torch.Tensor:
+    """The flat-vector columns (ascending) of the parameters whose names match one of `prefixes`, from
+    (name, numel) in model.parameters() order; a prefix that names no parameter, or taking every one,
+    is a ConfigError naming it."""
+    from ..errors import ConfigError
+
+    def matches(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    for prefix in prefixes:
+        if not any(matches(name, prefix) for name, _ in named):
+            some = ", ".join(name for name, _ in named[:12])
+            raise ConfigError(f"config key 'personal_layers': no parameter of the model is {prefix!r} or starts with "
+                              f"'{prefix}.' (its parameters: {some})")
+    cols, at = [], 0
+    for name, size in named:
+        if any(matches(name, p) for p in prefixes):
+            cols.append(torch.arange(at, at + size))
+        at += size
+    picked = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64)
+    if len(picked) == at:
+        raise ConfigError("config key 'personal_layers' names every parameter of the model: nothing would be shared")
+    return picked
+
+
+def shared_columns(personal: torch.Tensor, size: int) -> torch.Tensor:
+    """The columns of a flat vector of `size` values not in `personal` (ascending)."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[personal] = False
+    return keep.nonzero().squeeze(1)

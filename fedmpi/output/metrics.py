@@ -61,23 +61,27 @@ def _cell(value: Any) -> Any:
 
 
 def write_nodes_csv(path: Path, parts: list[dict[str, Any]], client_ids: Optional[list[str]] = None) -> None:
-    """One row per node: node, [client_id,] rank, samples, local_acc, main_on_local_acc (replaced atomically).
+    """One row per node: node, [client_id,] rank, samples, local_acc, main_on_local_acc[, personal_local_acc]
+    (replaced atomically).
 
     `parts`: each rank's block in rank order (first node, rank, and arrays samples, local_acc,
     main_on_local_acc; NaN where a node was not scored). client_id (each node's client in the imported
     data) is there when the shard file has ids.
     """
     lines = io.StringIO()
+    personal = bool(parts) and "personal_local_acc" in parts[0]  # personalization: every rank sends it
     names = ["node", *(["client_id"] if client_ids is not None else []), "rank", "samples", "local_acc",
-             "main_on_local_acc"]
+             "main_on_local_acc", *(["personal_local_acc"] if personal else [])]
     out = csv.writer(lines)
     out.writerow(names)
     for part in sorted(parts, key=lambda p: p["first"]):
         first, rank = part["first"], part["rank"]
-        for k, (samples, local, main) in enumerate(zip(part["samples"].tolist(), part["local_acc"].tolist(),
-                                                       part["main_on_local_acc"].tolist())):
+        own = part["personal_local_acc"].tolist() if personal else [None] * len(part["samples"])
+        for k, (samples, local, main, mine) in enumerate(zip(part["samples"].tolist(), part["local_acc"].tolist(),
+                                                             part["main_on_local_acc"].tolist(), own)):
             ids = [client_ids[first + k]] if client_ids is not None else []
-            out.writerow([first + k, *ids, rank, samples, _cell(local), _cell(main)])
+            out.writerow([first + k, *ids, rank, samples, _cell(local), _cell(main),
+                          *([_cell(mine)] if personal else [])])
     write_atomic(path, lines.getvalue())
 
 
@@ -135,6 +139,9 @@ def metrics_row(rnd: int, test: tuple, per_rank: list, central: Optional[dict], 
                nodes=sum(r["nodes"] for r in per_rank))
     row.update(row_fields("local_acc", merge(r["local"] for r in per_rank)))
     row.update(row_fields("main_on_local_acc", merge(r["main_on_local"] for r in per_rank)))
+    if "personal_local" in per_rank[0]:  # personalization: every rank sends both or neither
+        row.update(row_fields("personal_local_acc", merge(r["personal_local"] for r in per_rank)))
+        row.update(row_fields("main_on_trained_acc", merge(r["main_on_trained"] for r in per_rank)))
     return row
 
 

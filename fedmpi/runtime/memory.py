@@ -100,6 +100,8 @@ class Work:
     node_state: int = 1  # [nodes, P] tensors kept across rounds: 1 (momentum) with local_state keep, 0 stateless
     control: bool = False  # SCAFFOLD: control variates per node and on the server, a second half of the payload
     pixel_bytes: int = FLOAT  # bytes per input value in the shard file (1 for uint8 images, 4 for float32)
+    personal: bool = False  # Ditto: a personal model per node, trained after the global one in each chunk
+    own_layers: int = 0  # personal layers: values each node keeps of its own
 
 
 def chunk_bytes(rows: RankRows, w: Work) -> int:
@@ -111,7 +113,8 @@ def chunk_bytes(rows: RankRows, w: Work) -> int:
     scoring = w.chunk * rows.max_local * (w.pixels * FLOAT + w.activations // 2)
     # SCAFFOLD: each node's correction c - c_i, its per-layer copy, and its new c_i
     control = 3 * w.chunk * w.params * FLOAT if w.control else 0
-    return training + plan + scoring + control
+    personal = 2 * w.chunk * w.params * FLOAT if w.personal else 0  # Ditto: the personal pass's start and momentum
+    return training + plan + scoring + control + personal
 
 
 def row_bytes(pixels: int, gpu: bool, pixel_bytes: int = FLOAT) -> tuple[int, int]:
@@ -129,7 +132,9 @@ def rank_parts(rows: RankRows, w: Work, gpu: bool) -> dict[str, int]:
             "momentum": w.node_state * rows.nodes * w.params * FLOAT,
             "chunk working set": w.workers * chunk_bytes(rows, w),
             "centralized baseline": rows.central * row + (4 * w.params * FLOAT if rows.central else 0),
-            **control_parts(rows, w)}
+            **control_parts(rows, w),
+            **({"personal models": rows.nodes * w.params * FLOAT} if w.personal else {}),
+            **({"personal layers": rows.nodes * w.own_layers * FLOAT} if w.own_layers else {})}
 
 
 def control_parts(rows: RankRows, w: Work) -> dict[str, int]:

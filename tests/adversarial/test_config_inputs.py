@@ -54,6 +54,11 @@ SET_CASES = [  # --set VALUE, what the one line must say
     ("algorithm=scafold", "config key 'algorithm' must be one of fedavg, scaffold, fednova; got 'scafold'"),
     ("algorithm=fednova", "config key 'algorithm': fednova takes plain local SGD with fp32 updates; 'momentum' is 0.9"),
     ("algorithm=" + "s" * 4000, "config key 'algorithm' must be one of"),
+    ("personalize=dito", "config key 'personalize' must be one of none, ditto; got 'dito'"),
+    ("ditto_lambda=-1", "config key 'ditto_lambda' must be in [0.0, 1000000.0]"),
+    ("ditto_lambda=nan", "config key 'ditto_lambda'"),
+    ("personal_layers=[" + "a," * 70 + "a]", "config key 'personal_layers' has 71 entries, at most 64"),
+    ("personal_layers=" + "x" * 300, "config key 'personal_layers' must hold names of 1 to 255 characters"),
     ("local_state=forget", "config key 'local_state' must be one of keep, reset; got 'forget'"),
     ("local_state=", "config key 'local_state' must be one of keep, reset; got ''"),
     ("node_metrics_every=-1", "config key 'node_metrics_every' must be in [0, 10000000]"),
@@ -140,6 +145,16 @@ def test_scaffold_with_compressed_updates_is_refused_naming_both_keys(tmp_path, 
 
 
 @pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("extra,expect", [
+    (["algorithm=scaffold"], "config key 'personalize': ditto runs with algorithm fedavg, got 'scaffold'"),
+    (["algorithm=fednova", "momentum=0"], "config key 'personalize': ditto runs with algorithm fedavg, got 'fednova'"),
+    (["local_state=reset"], "config key 'personalize': ditto keeps each node's personal model across rounds"),
+])
+def test_ditto_with_what_it_cannot_take_is_refused_naming_the_key(tmp_path, ranks, extra, expect):
+    refused(base(tmp_path) + ["personalize=ditto", *extra, "--out", "out"], ranks, tmp_path, expect)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
 @pytest.mark.parametrize("template,expect", PLACEHOLDER_CASES, ids=[t[:24] for t, _ in PLACEHOLDER_CASES])
 def test_a_data_file_placeholder_other_than_a_plain_key_is_refused(tmp_path, ranks, template, expect):
     line = refused(["run", "--set", *SMALL, f"data_file=data/{template}", "--out", "out"], ranks, tmp_path,
@@ -207,6 +222,27 @@ def test_more_threads_than_the_host_can_run_is_refused_on_every_rank_alike(tmp_p
         pytest.skip("this host takes every thread count the config allows")
     refused(["run", "--set", *SMALL, small_data, f"threads={threads}", "--out", "out"], ranks, tmp_path,
             f"config key 'threads' is {threads}, more than 4 per logical CPU", SETUP_WRITES)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("layers,expect", [
+    ("[5, 7]", "config key 'personal_layers': no parameter of the model is '7' or starts with '7.'"),
+    ("[1, 3, 5]", "config key 'personal_layers' names every parameter of the model"),
+])
+def test_personal_layers_the_model_lacks_are_refused_before_shards_are_read(tmp_path, small_data, ranks, layers,
+                                                                             expect):
+    refused(["run", "--set", *SMALL, small_data, f"personal_layers={layers}", "--out", "out"], ranks, tmp_path,
+            expect, SETUP_WRITES)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("extra,expect", [
+    (["algorithm=scaffold"], "'algorithm' is 'scaffold'"), (["update_dtype=bf16"], "'update_dtype' is 'bf16'"),
+    (["dp=gaussian", "dp_noise_multiplier=1"], "'dp' is 'gaussian'"), (["prox_mu=0.1"], "'prox_mu' is 0.1"),
+    (["personalize=ditto"], "config key 'personal_layers': choose one personalization"),
+])
+def test_personal_layers_with_what_they_cannot_take_are_refused_naming_the_key(tmp_path, ranks, extra, expect):
+    refused(base(tmp_path) + ["personal_layers=5", *extra, "--out", "out"], ranks, tmp_path, expect)
 
 
 @pytest.mark.parametrize("ranks", RANKS)

@@ -1,4 +1,5 @@
 """The memory estimates against hand-computed numbers, and against what prepare really allocates."""
+import dataclasses
 import tracemalloc
 
 import pytest
@@ -182,3 +183,14 @@ def test_scaffold_adds_its_control_variates_by_hand():
     assert parts["chunk working set"] == 2 * (58_358_400 + 3 * 16 * 199210 * 4)
     # the larger chunks (193,213,440 B) outweigh the baseline (38,827,360 B) in the peak
     assert memory.peak(parts) == 17_820_000 + 3_564_000 + 7_920_000 + 39_842_000 + 42_232_520 + 193_213_440
+
+
+def test_ditto_and_personal_layers_add_their_per_node_state_by_hand():
+    base = Work(pixels=784, params=199210, activations=1000, chunk=16, workers=2, batch_size=32, local_epochs=10)
+    plain = memory.rank_parts(ROWS, base, gpu=False)
+    ditto = memory.rank_parts(ROWS, dataclasses.replace(base, personal=True), gpu=False)
+    assert ditto["personal models"] == 50 * 199210 * 4  # v_k of the rank's 50 nodes
+    assert ditto["chunk working set"] == plain["chunk working set"] + 2 * 2 * 16 * 199210 * 4  # start, momentum
+    layers = memory.rank_parts(ROWS, dataclasses.replace(base, own_layers=2010), gpu=False)
+    assert layers["personal layers"] == 50 * 2010 * 4 and "personal models" not in layers
+    assert "personal layers" not in plain and "personal models" not in plain
