@@ -25,8 +25,8 @@ from .engine.rows import Inputs
 from .errors import ConfigError
 from .fl import dp, secure, server
 from .fl.aggregate import node_weights
-from .fl.sampling import local_selection, sample_count
 from .fl.algorithms import personal_columns
+from .fl.sampling import local_selection, sample_count
 from .fl.server import ServerOptimizer
 from .runtime import checkpoint, memory, watchdog
 from .runtime.agree import on_every_rank, on_rank0

@@ -184,7 +184,8 @@ def test_raise_and_delay_fire_only_on_their_rank_and_round(monkeypatch):
 
 @pytest.mark.parametrize("kind,code", [("exit", faults.EXIT_CODE), ("kill", -signal.SIGKILL)])
 def test_exit_and_kill_end_a_real_process(kind, code):
-    script = "from fedmpi.runtime import faults\nfaults.maybe_inject(0, 1)\nfaults.maybe_inject(2, 5)\nprint('survived')"
+    script = ("from fedmpi.runtime import faults\nfaults.maybe_inject(0, 1)\nfaults.maybe_inject(2, 5)\n"
+              "print('survived')")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env=dict(os.environ, FEDMPI_FAULT=f"{kind}:rank=2:round=5"))
     assert proc.returncode == code and "survived" not in proc.stdout
