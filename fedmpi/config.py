@@ -41,12 +41,13 @@ UPDATE_DTYPES = ("fp32", "fp16", "bf16")
 LOSSES = ("cross_entropy",)
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
 LOCAL_STATES = ("keep", "reset")
+BUFFER_MODES = ("average", "local")
 DP_MODES = ("none", "gaussian")
 SAMPLINGS = ("fixed", "poisson")
 DP_ACCOUNTANTS = ("rdp", "pld")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
-           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES,
+           "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES, "buffers": BUFFER_MODES,
            "dp": DP_MODES, "sampling": SAMPLINGS, "dp_accountant": DP_ACCOUNTANTS}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
@@ -121,6 +122,7 @@ class Config:
     lr: float = 0.01
     momentum: float = 0.9
     local_state: str = "keep"     # keep: each node's momentum lives across rounds; reset: a fresh optimizer a round
+    buffers: str = "average"      # BatchNorm's running statistics: averaged with the parameters, or kept per node
     aggregation: str = "mean"
     central_epochs: int = 10
     eval_every: int = 1
@@ -266,7 +268,8 @@ def node_state_names(cfg: Any) -> tuple[str, ...]:
     keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold."""
     keep = getattr(cfg, "local_state", "keep") == "keep" and getattr(cfg, "momentum", 0.0) > 0
     scaffold = getattr(cfg, "algorithm", "fedavg") == "scaffold"  # SCAFFOLD's c_i
-    return ("momentum",) * keep + ("control",) * scaffold
+    local = getattr(cfg, "buffers", "average") == "local"  # each node's own float buffers (FedBN)
+    return ("momentum",) * keep + ("control",) * scaffold + ("buffers",) * local
 
 
 def placeholders(template: str) -> list[str]:

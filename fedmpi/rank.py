@@ -18,7 +18,7 @@ from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
 from .engine.central import cache_path, central_baseline, load_cached
 from .engine.models import build_model
-from .engine.params import flatten
+from .engine.params import flatten, model_tensors
 from .errors import ConfigError
 from .fl import dp, secure, server
 from .fl.aggregate import node_weights
@@ -117,7 +117,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     x, y = to_device(train.x, train.y, scale, device)
     sharing = ranks_on_device(device, comm.local_rank, comm.local_size)
     st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, train.offsets, mine.start, sharing),
-              flatten(list(model.parameters())), mine.start, train.counts,
+              flatten(model_tensors(model)), mine.start, train.counts,
               node_weights(cfg.aggregation, train.counts), (*to_device(local.x, local.y, scale, device), local.offsets))
     st.all_weights = node_weights(cfg.aggregation, np.diff(train_offsets))
     st.most_nodes = max(len(b) for b in blocks)
@@ -199,8 +199,10 @@ def restore(st: Rank, folder: Path, meta: dict, stop: int) -> None:
     if scaffold:
         st.engine.server_control.copy_(state.pop("control").to(st.device))
     st.server.load_state(state, st.device)  # on the main model's device, or its step mixes devices
+    values = sum(t.shape[1] for t in nodes.values())  # per node in each rank's file: bounds what is read
     for key, tensor in nodes.items():
-        tensor.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, tensor, key, len(nodes)).to(st.device))
+        tensor.copy_(checkpoint.load_momentum(folder, meta, st.first, stop, tensor, key, len(nodes),
+                                              values).to(st.device))
     st.done_rounds = meta["round"]
     try:
         dp.resume(st.privacy, meta)

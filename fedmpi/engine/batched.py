@@ -19,10 +19,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fl.algorithms import scaffold_correction, scaffold_node_controls
+from .batchnorm import check_batchnorm
+from .evaluate import scoring
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
+from .params import flatten, float_buffers, model_tensors
 from .plan import make_plan
-from .sequential import Chunk, compute_dtype, scaffold_state
+from .sequential import Chunk, check_buffers, compute_dtype, scaffold_state
 from .state import make_state
 from .vmap import VmapKernel
 
@@ -52,9 +55,11 @@ def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int, r
 
 
 def check_stackable(model: nn.Module) -> None:
-    """Refuse a module the stacked training does not handle yet: buffers (BatchNorm's running statistics)
-    or Dropout's random draws, which would need to be kept or drawn per node."""
+    """Refuse a module the stacked training does not handle: buffers other than BatchNorm's (a running
+    state nobody updates per node), or Dropout's random draws (not yet drawn per node)."""
     for module in model.modules():
+        if check_batchnorm(module):
+            continue
         if isinstance(module, nn.modules.dropout._DropoutNd) or next(module.buffers(recurse=False), None) is not None:
             raise ConfigError(f"config key 'engine': the batched engine cannot train a model with "
                               f"{type(module).__name__} (buffers or random draws per node); set engine: sequential")
@@ -67,7 +72,8 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
              for m in model.modules() if not list(m.children())]
     try:
-        model(x[:1])
+        with scoring(model):  # eval: a one-row batch is fine for BatchNorm, and no running statistic moves
+            model(x[:1])
     finally:
         for h in hooks:
             h.remove()
@@ -88,9 +94,13 @@ class BatchedEngine:
         self.model, self.x, self.y, self.cfg = model, x, y, cfg
         self.offsets, self.first_node = offsets, first_node
         check_stackable(model)
+        check_buffers(cfg, model)
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
-        self.store = make_state(cfg, nodes, size, x.device, x.dtype)
+        self.size, self.buffer_size = size, sum(b.numel() for b in float_buffers(model))
+        initial = flatten(model_tensors(model))[size:]
+        self.store = make_state(cfg, nodes, size, x.device, x.dtype, initial_buffers=initial)
+        self.buffers = self.store.get("buffers")  # buffers: local, each node's own
         self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
         self.control, self.server_control = scaffold_state(self.store, size)
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
@@ -129,7 +139,7 @@ class BatchedEngine:
             mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
         where = torch.from_numpy(part).to(self.x.device)
         corr = None if self.control is None else scaffold_correction(self.server_control, self.control[where])
-        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick, corr)
+        params, buffers = self.kernel_run(main, mom, plan, part, tick, corr)
         if not block and self.momentum is not None:
             self.momentum[torch.from_numpy(part)] = mom
         delta = None
@@ -137,7 +147,22 @@ class BatchedEngine:
             new, delta = scaffold_node_controls(self.control[where], self.server_control, main, params,
                                                 plan.active.sum(0), cfg.lr)
             self.control[where] = new
-        return Chunk(ids, params, delta)
+        return Chunk(ids, params if buffers is None else torch.cat([params, buffers], 1), delta)
+
+    def kernel_run(self, main: torch.Tensor, mom: torch.Tensor, plan, part: np.ndarray, tick, corr) -> tuple:
+        """The kernel's trained parameters [K, P] and, for a model with float buffers, the buffers [K, B]
+        the nodes ended with (started from `main`'s, or with `buffers: local` from each node's own)."""
+        cfg, size = self.cfg, self.size
+        if not self.buffer_size:
+            return self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick,
+                                   corr), None
+        where = torch.from_numpy(part).to(self.x.device)
+        buffers = main[size:].expand(len(part), -1).clone() if self.buffers is None else self.buffers[where]
+        params = self.kernel.run(main[:size], mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick,
+                                 corr, buffers)
+        if self.buffers is not None:
+            self.buffers[where] = buffers
+        return params, buffers
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state kept across rounds, in node order (as SequentialEngine.state)."""

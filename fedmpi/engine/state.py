@@ -1,6 +1,7 @@
 """Per-node state that lives across rounds: named [nodes, P] tensors, allocated only when a run needs them.
 
-Today's only entry is "momentum" (local SGD's buffer, kept with `local_state: keep` and `momentum > 0`).
+"momentum" (local SGD's buffer, kept with `local_state: keep` and `momentum > 0`), "control" (SCAFFOLD's
+c_i) and "buffers" (with `buffers: local`, each node's own BatchNorm running statistics, [nodes, B]).
 A stateless run (`local_state: reset`, or momentum 0, where a buffer never reaches the next round's
 math) holds no [nodes, P] tensor at all: each chunk trains from a zero buffer of its own, so a rank's
 memory does not grow with its node count. Algorithms with more per-node state (control variates,
@@ -23,10 +24,11 @@ class NodeState:
         self.nodes, self.size, self.device, self.dtype = nodes, size, device, dtype
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def register(self, name: str) -> torch.Tensor:
-        """Allocate the zero-filled tensor `name` (once; a second call returns the same one)."""
+    def register(self, name: str, size: Optional[int] = None) -> torch.Tensor:
+        """Allocate the zero-filled tensor `name` [nodes, size] (size None: P; once, a second call returns it)."""
         if name not in self.tensors:
-            self.tensors[name] = torch.zeros(self.nodes, self.size, device=self.device, dtype=self.dtype)
+            width = self.size if size is None else size
+            self.tensors[name] = torch.zeros(self.nodes, width, device=self.device, dtype=self.dtype)
         return self.tensors[name]
 
     def get(self, name: str) -> Optional[torch.Tensor]:
@@ -47,9 +49,15 @@ class NodeState:
         return dict(self.tensors)
 
 
-def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> NodeState:
-    """The store with every tensor this config keeps already registered."""
+def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None,
+               initial_buffers: Optional[torch.Tensor] = None) -> NodeState:
+    """The store with every tensor this config keeps already registered; "buffers" (`buffers: local`) is
+    [nodes, B], every row starting from the model's initial float buffers `initial_buffers` [B]."""
     store = NodeState(nodes, size, device, dtype)
     for name in node_state_names(cfg):
-        store.register(name)
+        if name == "buffers":
+            initial = torch.zeros(0, device=device) if initial_buffers is None else initial_buffers
+            store.register(name, initial.numel()).copy_(initial.to(device).expand(nodes, -1))
+        else:
+            store.register(name)
     return store

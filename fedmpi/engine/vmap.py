@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .batchnorm import masked_copy
 from .losses import Loss
-from .params import views_k
+from .params import float_buffer_names, float_buffers, views_k
 from .plan import Plan
 
 
@@ -29,6 +30,7 @@ class VmapKernel:
         self.loss_fn = loss_fn or partial(F.cross_entropy, reduction="none")
         self.names = [n for n, _ in model.named_parameters()]
         self.like = list(model.parameters())
+        self.buffer_names, self.buffer_like = float_buffer_names(model), float_buffers(model)
         # The threads copy this private template, never `model` itself: the round's scoring runs
         # functional_call on `model` (swapping its parameters) while workers may still start up.
         self._template = copy.deepcopy(model)
@@ -38,30 +40,43 @@ class VmapKernel:
         """vmap(grad(loss)) over this thread's own copy of the model: functional_call swaps the
         module's parameters while it runs, so two threads must never share one module."""
         if not hasattr(self._local, "grads"):
-            model, per_row = copy.deepcopy(self._template), self.loss_fn
+            (model, rows), per_row = masked_copy(self._template), self.loss_fn
+            model.train()
 
-            def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return (per_row(functional_call(model, params, (x,)), y) * w).sum()
+            def loss(params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple:
+                # BatchNorm's statistics over the rows this step weights: the node's real rows
+                rows.mask, rows.out = w > 0, []
+                try:
+                    value = (per_row(functional_call(model, {**params, **buffers}, (x,)), y) * w).sum()
+                    return value, dict(rows.out)
+                finally:
+                    rows.mask, rows.out = None, []
 
-            self._local.grads = vmap(grad(loss))
+            self._local.grads = vmap(grad(loss, has_aux=True))
         return self._local.grads
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0,
-            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None) -> torch.Tensor:
+            tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None,
+            buffers: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Train K nodes from `main` along `plan`; momentum `mom` [K, P] is updated in place.
         `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
-        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient."""
+        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient; `buffers` [K, B] (the
+        float buffers, BatchNorm's running statistics) are updated in place."""
         K, grads = mom.shape[0], self._grads()
         flat = main.expand(K, -1).clone()
         params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
                                        zip(views_k(flat, self.like), self.like)]))
+        bufs = {} if buffers is None else dict(zip(self.buffer_names, [
+            v.view(K, *t.shape) for v, t in zip(views_k(buffers, self.buffer_like), self.buffer_like)]))
         for s in range(plan.idx.shape[0]):
             if tick is not None:
                 tick()
             idx = plan.idx[s]
             with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                g = grads(params, x[idx], y[idx], plan.weight[s])
+                g, stats = grads(params, bufs, x[idx], y[idx], plan.weight[s])
+            for name, value in stats.items():
+                bufs[name].copy_(value)
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
             if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
                 g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))

@@ -288,9 +288,10 @@ def load_main(folder: Path, like: torch.Tensor, state_names: tuple[str, ...],
 
 
 def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.Tensor, key: str = "momentum",
-                  tensors: int = 1) -> torch.Tensor:
-    """Per-node state `key` (momentum, or scaffold's control) of nodes first..stop-1 (typed like `like`,
-    [*, P]), from whichever rank files hold them; each file holds `tensors` such tensors."""
+                  tensors: int = 1, row_values: Optional[int] = None) -> torch.Tensor:
+    """Per-node state `key` (momentum, scaffold's control, kept buffers) of nodes first..stop-1 (typed like
+    `like`, [*, width]), from whichever rank files hold them; each file holds `tensors` such tensors,
+    `row_values` values per node in all (default: `tensors` times this one's width)."""
     import torch
 
     size = like.shape[1]
@@ -301,7 +302,8 @@ def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.T
         if b <= first or a >= stop:
             continue
         path = folder / name
-        block = _load(path, tensors * (b - a) * size * like.element_size() + TORCH_SLACK)
+        values = tensors * size if row_values is None else row_values
+        block = _load(path, (b - a) * values * like.element_size() + TORCH_SLACK)
         if not isinstance(block, dict) or type(block.get("first")) is not int or block["first"] != a \
                 or key not in block:
             raise CheckpointError(f"checkpoint file {path} is corrupt: not a dict with 'first': {a} and {key!r}")

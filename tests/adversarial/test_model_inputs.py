@@ -30,7 +30,7 @@ CASES = [  # --set values, what the one line must say
     (["model=usercode:wrong_outputs"], "must map inputs [2, 1, 28, 28] to outputs [2, 10]"),
     (["model=usercode:double"], "'usercode:double': parameter '1.weight' must be a trainable float32 tensor"),
     (["model=usercode:forward_fails"], "'usercode:forward_fails': the model's forward on inputs [2, 1, 28, 28] raised"),
-    (["model=usercode:batchnorm"], "batched engine cannot train a model with BatchNorm1d|engine: sequential"),
+    (["model=usercode:batchnorm_cumulative"], "batched engine stacks BatchNorm1d with a momentum"),
     (["model=usercode:dropout"], "batched engine cannot train a model with Dropout"),
     (["model=usercode:small", "model_args={width: 4, depth: 2}"],
      "'usercode:small': building the model raised TypeError: small() got an unexpected keyword argument 'depth'"),
