@@ -20,12 +20,13 @@ from torch import nn
 from ..errors import ConfigError
 from ..fl.algorithms import scaffold_correction, scaffold_node_controls
 from .batchnorm import check_batchnorm
+from .dropout import is_dropout
 from .evaluate import scoring
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .params import flatten, float_buffers, model_tensors
 from .plan import make_plan
-from .sequential import Chunk, check_buffers, compute_dtype, scaffold_state
+from .sequential import Chunk, check_buffers, compute_dtype, dropout_seed, scaffold_state
 from .state import make_state
 from .vmap import VmapKernel
 
@@ -56,9 +57,9 @@ def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int, r
 
 def check_stackable(model: nn.Module) -> None:
     """Refuse a module the stacked training does not handle: buffers other than BatchNorm's (a running
-    state nobody updates per node), or Dropout's random draws (not yet drawn per node)."""
+    state nobody updates per node), random draws other than nn.Dropout's (Dropout1d/2d/3d, AlphaDropout)."""
     for module in model.modules():
-        if check_batchnorm(module):
+        if check_batchnorm(module) or is_dropout(module):
             continue
         if isinstance(module, nn.modules.dropout._DropoutNd) or next(module.buffers(recurse=False), None) is not None:
             raise ConfigError(f"config key 'engine': the batched engine cannot train a model with "
@@ -101,6 +102,7 @@ class BatchedEngine:
         initial = flatten(model_tensors(model))[size:]
         self.store = make_state(cfg, nodes, size, x.device, x.dtype, initial_buffers=initial)
         self.buffers = self.store.get("buffers")  # buffers: local, each node's own
+        self.random = any(is_dropout(m) for m in model.modules())  # Dropout: masks drawn per node
         self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
         self.control, self.server_control = scaffold_state(self.store, size)
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
@@ -139,7 +141,9 @@ class BatchedEngine:
             mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
         where = torch.from_numpy(part).to(self.x.device)
         corr = None if self.control is None else scaffold_correction(self.server_control, self.control[where])
-        params, buffers = self.kernel_run(main, mom, plan, part, tick, corr)
+        gens = [torch.Generator(self.x.device).manual_seed(dropout_seed(cfg.seed, node, rnd)) for node in ids] \
+            if self.random else None
+        params, buffers = self.kernel_run(main, mom, plan, part, tick, corr, gens)
         if not block and self.momentum is not None:
             self.momentum[torch.from_numpy(part)] = mom
         delta = None
@@ -149,17 +153,18 @@ class BatchedEngine:
             self.control[where] = new
         return Chunk(ids, params if buffers is None else torch.cat([params, buffers], 1), delta)
 
-    def kernel_run(self, main: torch.Tensor, mom: torch.Tensor, plan, part: np.ndarray, tick, corr) -> tuple:
+    def kernel_run(self, main: torch.Tensor, mom: torch.Tensor, plan, part: np.ndarray, tick, corr, gens) -> tuple:
         """The kernel's trained parameters [K, P] and, for a model with float buffers, the buffers [K, B]
         the nodes ended with (started from `main`'s, or with `buffers: local` from each node's own)."""
         cfg, size = self.cfg, self.size
         if not self.buffer_size:
+            extra = {} if gens is None else {"gens": gens}  # the MLP kernel never sees a Dropout
             return self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick,
-                                   corr), None
+                                   corr, **extra), None
         where = torch.from_numpy(part).to(self.x.device)
         buffers = main[size:].expand(len(part), -1).clone() if self.buffers is None else self.buffers[where]
         params = self.kernel.run(main[:size], mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick,
-                                 corr, buffers)
+                                 corr, buffers, gens)
         if self.buffers is not None:
             self.buffers[where] = buffers
         return params, buffers

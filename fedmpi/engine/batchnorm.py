@@ -27,6 +27,7 @@ class StepRows:
     def __init__(self) -> None:
         self.mask: Optional[torch.Tensor] = None
         self.out: list[tuple[str, torch.Tensor]] = []
+        self.noise: Optional[dict[str, torch.Tensor]] = None  # Dropout's masks for the node (engine/dropout.py)
 
 
 class MaskedBatchNorm(nn.Module):
@@ -73,11 +74,16 @@ def check_batchnorm(module: nn.Module) -> bool:
 
 
 def masked_copy(model: nn.Module) -> tuple[nn.Module, StepRows]:
-    """A deep copy of `model` with every BatchNorm replaced by a MaskedBatchNorm sharing one StepRows."""
+    """A deep copy of `model` with every BatchNorm replaced by a MaskedBatchNorm and every Dropout by a
+    MaskedDropout, all sharing one StepRows."""
+    from .dropout import MaskedDropout, is_dropout
+
     model, rows = copy.deepcopy(model), StepRows()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
             if check_batchnorm(child):
-                full = f"{name}.{child_name}." if name else f"{child_name}."
-                setattr(module, child_name, MaskedBatchNorm(child, full, rows))
+                setattr(module, child_name, MaskedBatchNorm(child, full + ".", rows))
+            elif is_dropout(child):
+                setattr(module, child_name, MaskedDropout(child.p, full, rows))
     return model, rows

@@ -83,8 +83,13 @@ def node_random(device: torch.device, seed: int, node: int, rnd: int) -> Iterato
     """torch's global generator (Dropout's draws) seeded from (seed, node, round), as the batch order is:
     the same draws at any rank count; the caller's generator state is restored after."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(batch_generator(seed, node, rnd, stream=DROPOUT_STREAM).initial_seed()))
+        torch.manual_seed(dropout_seed(seed, node, rnd))
         yield
+
+
+def dropout_seed(seed: int, node: int, rnd: int) -> int:
+    """The seed of a node's random draws inside the model in a round: both engines draw Dropout from it."""
+    return int(batch_generator(seed, node, rnd, stream=DROPOUT_STREAM).initial_seed())
 
 
 def check_buffers(cfg, model: nn.Module) -> None:

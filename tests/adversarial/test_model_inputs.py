@@ -31,7 +31,7 @@ CASES = [  # --set values, what the one line must say
     (["model=usercode:double"], "'usercode:double': parameter '1.weight' must be a trainable float32 tensor"),
     (["model=usercode:forward_fails"], "'usercode:forward_fails': the model's forward on inputs [2, 1, 28, 28] raised"),
     (["model=usercode:batchnorm_cumulative"], "batched engine stacks BatchNorm1d with a momentum"),
-    (["model=usercode:dropout"], "batched engine cannot train a model with Dropout"),
+    (["model=usercode:dropout2d"], "batched engine cannot train a model with Dropout2d"),
     (["model=usercode:small", "model_args={width: 4, depth: 2}"],
      "'usercode:small': building the model raised TypeError: small() got an unexpected keyword argument 'depth'"),
     (["model=usercode:small", "model_args={classes: 3}"], "config key 'model_args': 'classes' is passed by fedmpi"),
