@@ -54,14 +54,24 @@ def test_model_pt_holds_the_averaged_running_statistics(runs):
     assert not torch.allclose(state["2.running_var"], torch.ones(8))
 
 
-def test_local_buffers_stay_per_node_and_the_main_model_reports_their_mean(runs):
-    _, done = runs
-    folder = done["local", "batched"] / "checkpoint"
-    blocks = [torch.load(folder / name, weights_only=True) for name in ("nodes-0-4.pt", "nodes-4-8.pt")]
-    buffers = torch.cat([b["buffers"] for b in blocks])  # [nodes, running_mean 8 | running_var 8]
-    assert buffers.shape == (8, 16) and (buffers - buffers.mean(0)).abs().max() > 1e-3  # each node its own
-    state = torch.load(done["local", "batched"] / "model.pt", weights_only=True)
-    assert torch.allclose(buffers.mean(0), torch.cat([state["2.running_mean"], state["2.running_var"]]), atol=1e-6)
+def node_buffers(run_dir):
+    """Every node's kept buffers from the last checkpoint: [nodes, running_mean 8 | running_var 8]."""
+    blocks = [torch.load(run_dir / "checkpoint" / name, weights_only=True) for name in ("nodes-0-4.pt", "nodes-4-8.pt")]
+    return torch.cat([b["buffers"] for b in blocks])
+
+
+def test_local_buffers_stay_per_node_and_the_main_model_reports_their_mean(runs, small_data):
+    folder, done = runs
+    # FedAvgM moves the parameters by its velocity; the running statistics are still the plain mean
+    fedavgm, result = run(folder, "local-fedavgm", small_data, 2, "engine=batched", "buffers=local",
+                          "checkpoint_every=1", "server_opt=fedavgm")
+    assert result.returncode == 0, result.stderr
+    for out in (done["local", "batched"], fedavgm):
+        buffers = node_buffers(out)
+        assert buffers.shape == (8, 16) and (buffers - buffers.mean(0)).abs().max() > 1e-3  # each node its own
+        state = torch.load(out / "model.pt", weights_only=True)
+        main = torch.cat([state["2.running_mean"], state["2.running_var"]])
+        assert torch.allclose(buffers.mean(0), main, atol=1e-6)
 
 
 def test_a_resumed_run_with_local_buffers_gives_identical_results(runs, small_data):
