@@ -18,7 +18,7 @@ from . import __version__
 from .config import Config, config_text
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
-from .engine.params import load_flat, model_tensors, parameter_count
+from .engine.params import load_flat, model_tensors, parameter_count, reset_counters
 from .errors import FedmpiError
 from .fl import dp, secure
 from .fl.aggregate import (
@@ -445,4 +445,5 @@ def final_epsilon(st: Rank, path: Path) -> None:
 def save_model(st: Rank, path: Path) -> None:
     """The final main model as a plain state_dict (loads with torch.load(..., weights_only=True)), atomically."""
     load_flat(model_tensors(st.model), st.main)  # the parameters and the float buffers the round carried
+    reset_counters(st.model)  # num_batches_tracked: the last trained node's count on this rank, not a result
     write_atomic(path, checkpoint.tensor_bytes({k: v.detach().cpu() for k, v in st.model.state_dict().items()}))

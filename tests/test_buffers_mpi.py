@@ -52,6 +52,9 @@ def test_model_pt_holds_the_averaged_running_statistics(runs):
     assert state["2.running_mean"].shape == (8,) and state["2.running_var"].shape == (8,)
     assert state["2.running_mean"].abs().max() > 1e-3  # trained, not the initial zeros
     assert not torch.allclose(state["2.running_var"], torch.ones(8))
+    for engine in ("sequential", "batched"):  # an integer counter, kept by no node: 0 whatever the engine
+        counted = torch.load(done["average", engine] / "model.pt", weights_only=True)["2.num_batches_tracked"]
+        assert counted.dtype == torch.int64 and int(counted) == 0
 
 
 def node_buffers(run_dir):
