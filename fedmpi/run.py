@@ -177,8 +177,7 @@ def drop_diverged(st: Rank, nodes: list[int], finite: np.ndarray, rnd: int) -> i
         if not ok:
             print(f"fedmpi: node {node} (rank {st.comm.rank}) diverged (NaN/Inf) in round {rnd}; "
                   f"left out of the average", file=sys.stderr, flush=True)
-            for tensor in st.engine.state().values():
-                tensor[node - st.first].zero_()
+            st.engine.store.reset_row(node - st.first)
     return int((~finite).sum())
 
 

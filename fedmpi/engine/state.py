@@ -23,6 +23,7 @@ class NodeState:
     def __init__(self, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
         self.nodes, self.size, self.device, self.dtype = nodes, size, device, dtype
         self.tensors: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, torch.Tensor] = {}  # a row a reset goes back to; zeros where absent
 
     def register(self, name: str, size: Optional[int] = None) -> torch.Tensor:
         """Allocate the zero-filled tensor `name` [nodes, size] (size None: P; once, a second call returns it)."""
@@ -41,9 +42,13 @@ class NodeState:
         return None if t is None else t.index_select(0, part.to(t.device))
 
     def reset_row(self, k: int) -> None:
-        """Node k starts afresh (a diverged node): every kept tensor's row back to zero."""
-        for t in self.tensors.values():
-            t[k].zero_()
+        """Node k starts afresh (a diverged node): every kept tensor's row back to zero, kept buffers back to
+        the model's initial ones (a zero running variance would blow up its scores)."""
+        for name, t in self.tensors.items():
+            if name in self.initial:
+                t[k].copy_(self.initial[name])
+            else:
+                t[k].zero_()
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors)
@@ -56,8 +61,9 @@ def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional
     store = NodeState(nodes, size, device, dtype)
     for name in node_state_names(cfg):
         if name == "buffers":
-            initial = torch.zeros(0, device=device) if initial_buffers is None else initial_buffers
-            store.register(name, initial.numel()).copy_(initial.to(device).expand(nodes, -1))
+            initial = torch.zeros(0, device=device) if initial_buffers is None else initial_buffers.to(device)
+            store.register(name, initial.numel()).copy_(initial.expand(nodes, -1))
+            store.initial[name] = initial.clone()
         else:
             store.register(name)
     return store
