@@ -52,6 +52,10 @@ def test_model_pt_holds_the_averaged_running_statistics(runs):
     assert state["2.running_mean"].shape == (8,) and state["2.running_var"].shape == (8,)
     assert state["2.running_mean"].abs().max() > 1e-3  # trained, not the initial zeros
     assert not torch.allclose(state["2.running_var"], torch.ones(8))
+    # the Allreduce carried them: the payload is every float value of model.pt plus a short trailer (counts, votes)
+    values = sum(v.numel() for v in state.values() if v.is_floating_point())
+    trailer = read_metrics(done["average", "batched"])[-1]["payload_bytes"] - 4 * values
+    assert 0 < trailer <= 64
     for engine in ("sequential", "batched"):  # an integer counter, kept by no node: 0 whatever the engine
         counted = torch.load(done["average", engine] / "model.pt", weights_only=True)["2.num_batches_tracked"]
         assert counted.dtype == torch.int64 and int(counted) == 0
