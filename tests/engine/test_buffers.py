@@ -165,3 +165,20 @@ def test_the_buffers_key_takes_average_or_local_only(tmp_path):
     assert load_config(None).buffers == "average"
     with pytest.raises(ConfigError, match=r"config key 'buffers'.*average.*local"):
         load_config(None, parse_overrides(["buffers=global"]))
+
+
+def test_the_central_baseline_scores_a_batchnorm_model_with_its_running_statistics(monkeypatch):
+    import sys
+    import types
+
+    from fedmpi.engine.central import train_central
+
+    mod = types.ModuleType("fake_bn_mod")
+    mod.net = lambda input_shape, classes: bn_net()
+    monkeypatch.setitem(sys.modules, "fake_bn_mod", mod)
+    x, y, _ = shards([64])
+    cfg = SimpleNamespace(model="fake_bn_mod:net", model_args={}, seed=1, loss="cross_entropy", central_epochs=2,
+                          batch_size=8, lr=0.01, momentum=0.9)
+    result = train_central(cfg, x, y, x[:32], y[:32], SHAPE, 10)
+    again = train_central(cfg, x, y, x[:32], y[:32], SHAPE, 10)
+    assert len(result["test_acc"]) == 2 and result == again  # scored in eval mode: no draw, no batch statistics
