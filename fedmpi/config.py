@@ -42,13 +42,14 @@ LOSSES = ("cross_entropy",)
 ALGORITHMS = ("fedavg", "scaffold", "fednova")
 PERSONALIZE = ("none", "ditto")
 LOCAL_STATES = ("keep", "reset")
+BUFFER_MODES = ("average", "local")
 DP_MODES = ("none", "gaussian")
 SAMPLINGS = ("fixed", "poisson")
 DP_ACCOUNTANTS = ("rdp", "pld")
 CHOICES = {"dataset": DATASETS, "partition": PARTITIONS, "aggregation": AGGREGATIONS,
            "device": DEVICES, "engine": ENGINES, "autocast": AUTOCASTS,
            "update_dtype": UPDATE_DTYPES, "algorithm": ALGORITHMS, "local_state": LOCAL_STATES,
-           "personalize": PERSONALIZE,
+           "personalize": PERSONALIZE, "buffers": BUFFER_MODES,
            "dp": DP_MODES, "sampling": SAMPLINGS, "dp_accountant": DP_ACCOUNTANTS}
 # server_lr when the config leaves it null: FedAvg and FedAvgM step by the whole averaged update;
 # the adaptive ones step about server_lr per coordinate, so 1.0 would wreck the model
@@ -125,6 +126,7 @@ class Config:
     lr: float = 0.01
     momentum: float = 0.9
     local_state: str = "keep"     # keep: each node's momentum lives across rounds; reset: a fresh optimizer a round
+    buffers: str = "average"      # BatchNorm's running statistics: averaged with the parameters, or kept per node
     aggregation: str = "mean"
     central_epochs: int = 10
     eval_every: int = 1
@@ -297,12 +299,15 @@ def node_state_names(cfg: Any) -> tuple[str, ...]:
     """The per-node tensors a run keeps across rounds (what its checkpoints carry): momentum with
     local_state keep and momentum > 0 (at momentum 0 a buffer never reaches the next round's math, so
     keeping one would only cost memory); SCAFFOLD's control variates under algorithm: scaffold; Ditto's
-    personal models under personalize: ditto."""
+    personal models under personalize: ditto; each node's own values of its personal layers; each node's
+    float buffers (BatchNorm's running statistics) under buffers: local."""
     keep = getattr(cfg, "local_state", "keep") == "keep" and getattr(cfg, "momentum", 0.0) > 0
     scaffold = getattr(cfg, "algorithm", "fedavg") == "scaffold"  # SCAFFOLD's c_i
     ditto = getattr(cfg, "personalize", "none") == "ditto"  # Ditto's personal models v_k
     layers = bool(getattr(cfg, "personal_layers", []))  # FedPer: each node's own values of those layers
-    return ("momentum",) * keep + ("control",) * scaffold + ("personal",) * ditto + ("layers",) * layers
+    local = getattr(cfg, "buffers", "average") == "local"  # each node's own float buffers (FedBN)
+    return ("momentum",) * keep + ("control",) * scaffold + ("personal",) * ditto + ("layers",) * layers \
+        + ("buffers",) * local
 
 
 def placeholders(template: str) -> list[str]:

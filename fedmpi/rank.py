@@ -20,7 +20,7 @@ from .engine import Engine, make_engine
 from .engine.batched import activation_bytes, auto_chunk
 from .engine.central import cache_path, central_baseline, load_cached
 from .engine.models import build_model
-from .engine.params import flatten
+from .engine.params import flatten, model_tensors
 from .engine.rows import Inputs
 from .errors import ConfigError
 from .fl import dp, secure, server
@@ -123,7 +123,7 @@ def setup(cfg: Config, comm, resumed: Optional[tuple] = None) -> Rank:
     local = read_nodes(path, "local_test", mine.start, mine.stop)
     sharing = ranks_on_device(device, comm.local_rank, comm.local_size)
     st = Rank(cfg, comm, device, model, make_engine(cfg, model, x, y, offsets, mine.start, sharing),
-              flatten(list(model.parameters())), mine.start, counts,
+              flatten(model_tensors(model)), mine.start, counts,
               node_weights(cfg.aggregation, counts), (*to_device(local.x, local.y, scale, device), local.offsets))
     st.reader = reader
     st.all_weights = node_weights(cfg.aggregation, np.diff(train_offsets))

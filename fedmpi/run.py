@@ -19,7 +19,7 @@ from .config import Config, config_text
 from .data.rounds import load_round
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
-from .engine.params import load_flat
+from .engine.params import load_flat, model_tensors, parameter_count, reset_counters
 from .errors import FedmpiError
 from .fl import dp, secure
 from .fl.aggregate import (
@@ -188,8 +188,7 @@ def drop_diverged(st: Rank, nodes: list[int], finite: np.ndarray, rnd: int) -> i
         if not ok:
             print(f"fedmpi: node {node} (rank {st.comm.rank}) diverged (NaN/Inf) in round {rnd}; "
                   f"left out of the average", file=sys.stderr, flush=True)
-            for tensor in st.engine.state().values():
-                tensor[node - st.first].zero_()
+            st.engine.store.reset_row(node - st.first)
     return int((~finite).sum())
 
 
@@ -321,7 +320,11 @@ def server_step(st: Rank, buf: np.ndarray, w: Wire) -> None:
         update_sum = full
     if st.cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
         scale = fednova_scale(trailer(buf, w)[0], float(extra_sum(buf, w)[0]))
+    size = parameter_count(st.model)
+    buffers = st.main[size:].clone() if st.main.numel() > size else None
     st.main = st.server.step(st.main, update_sum, scale)
+    if buffers is not None:  # running statistics: the plain weighted mean, whatever the server optimizer
+        st.main[size:] = buffers + update_sum[size:].to(buffers) * scale
     if st.cfg.algorithm == "scaffold":  # SCAFFOLD: c += (|S| / N) * the mean control delta
         scaffold_server_control(st.engine.server_control, extra_sum(buf, w), st.cfg.nodes)
 
@@ -472,5 +475,6 @@ def final_epsilon(st: Rank, path: Path) -> None:
 
 def save_model(st: Rank, path: Path) -> None:
     """The final main model as a plain state_dict (loads with torch.load(..., weights_only=True)), atomically."""
-    load_flat(list(st.model.parameters()), st.main)
+    load_flat(model_tensors(st.model), st.main)  # the parameters and the float buffers the round carried
+    reset_counters(st.model)  # num_batches_tracked: the last trained node's count on this rank, not a result
     write_atomic(path, checkpoint.tensor_bytes({k: v.detach().cpu() for k, v in st.model.state_dict().items()}))

@@ -54,12 +54,13 @@ def test_test_loss_is_the_user_loss(runs):
 
 def test_a_dropout_model_gives_the_same_accuracy_at_one_two_and_four_ranks(tmp_path, small_data):
     folder = write_user_code(tmp_path)
-    accs = {}
-    for ranks in (1, 2, 4):
-        out = run(folder, f"dropout-{ranks}", small_data, ranks, "model=usercode:dropout", "model_args={}",
-                  "loss=cross_entropy", "engine=sequential", "rounds=2", "lr=0.05")
-        accs[ranks] = [r["test_acc"] for r in read_metrics(out)]
-    assert accs[1] == accs[2] == accs[4], accs
+    accs, outs = {}, {}
+    for engine, ranks in (("sequential", 1), ("batched", 1), ("batched", 2), ("batched", 4)):
+        out = run(folder, f"dropout-{engine}-{ranks}", small_data, ranks, "model=usercode:dropout", "model_args={}",
+                  "loss=cross_entropy", f"engine={engine}", "rounds=2", "lr=0.05")
+        accs[engine, ranks], outs[engine, ranks] = [r["test_acc"] for r in read_metrics(out)], out
+    assert accs["batched", 1] == accs["batched", 2] == accs["batched", 4], accs
+    assert relative_difference(outs["batched", 2], outs["sequential", 1]) <= 1e-5  # the same masks, per node
 
 
 def test_a_user_server_optimizer_steps_as_the_built_in_it_copies_and_resumes_from_its_checkpoint(tmp_path, small_data):

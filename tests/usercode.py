@@ -48,6 +48,14 @@ def batchnorm(input_shape, classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8), nn.Linear(8, classes))
 
 
+def batchnorm_cumulative(input_shape, classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, classes))
+
+
+def dropout2d(input_shape, classes):
+    return nn.Sequential(nn.Dropout2d(0.5), nn.Flatten(), nn.Linear(784, classes))
+
+
 def dropout(input_shape, classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Dropout(0.5), nn.Linear(8, classes))
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .batched import BatchedEngine
 from .sequential import Chunk, SequentialEngine
+from .state import NodeState
 
 
 class Engine(Protocol):
@@ -21,6 +22,8 @@ class Engine(Protocol):
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state kept across rounds, to checkpoint ({"momentum": [nodes, P]}, or {} when stateless)."""
+
+    store: NodeState  # that state by name; store.reset_row(k) starts a diverged node afresh
 
 
 ENGINES: dict[str, type] = {"sequential": SequentialEngine, "batched": BatchedEngine}

@@ -19,10 +19,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_controls
+from .batchnorm import check_batchnorm
+from .dropout import is_dropout
+from .evaluate import scoring
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
+from .params import flatten, float_buffers, model_tensors
 from .plan import make_plan
-from .sequential import Chunk, compute_dtype, scaffold_state
+from .sequential import Chunk, check_buffers, compute_dtype, dropout_seed, scaffold_state
 from .state import layer_columns, make_state, with_own_layers
 from .vmap import VmapKernel
 
@@ -52,9 +56,11 @@ def auto_chunk(model: nn.Module, x: torch.Tensor, batch_size: int, nodes: int, r
 
 
 def check_stackable(model: nn.Module) -> None:
-    """Refuse a module the stacked training does not handle yet: buffers (BatchNorm's running statistics)
-    or Dropout's random draws, which would need to be kept or drawn per node."""
+    """Refuse a module the stacked training does not handle: buffers other than BatchNorm's (a running
+    state nobody updates per node), random draws other than nn.Dropout's (Dropout1d/2d/3d, AlphaDropout)."""
     for module in model.modules():
+        if check_batchnorm(module) or is_dropout(module):
+            continue
         if isinstance(module, nn.modules.dropout._DropoutNd) or next(module.buffers(recurse=False), None) is not None:
             raise ConfigError(f"config key 'engine': the batched engine cannot train a model with "
                               f"{type(module).__name__} (buffers or random draws per node); set engine: sequential")
@@ -67,7 +73,8 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
              for m in model.modules() if not list(m.children())]
     try:
-        model(x[:1])
+        with scoring(model):  # eval: a one-row batch is fine for BatchNorm, and no running statistic moves
+            model(x[:1])
     finally:
         for h in hooks:
             h.remove()
@@ -88,12 +95,17 @@ class BatchedEngine:
         self.model, self.x, self.y, self.cfg = model, x, y, cfg
         self.offsets, self.first_node = offsets, first_node
         check_stackable(model)
+        check_buffers(cfg, model)
         nodes = len(offsets) - 1
         size = sum(p.numel() for p in model.parameters())
+        self.size, self.buffer_size = size, sum(b.numel() for b in float_buffers(model))
+        initial = flatten(model_tensors(model))[size:]
         self.cols, self.shared = layer_columns(cfg, model, size, x.device)  # personal layers' columns, or None
         self.store = make_state(cfg, nodes, size, x.device, x.dtype,
-                                None if self.cols is None else {"layers": len(self.cols)})
+                                None if self.cols is None else {"layers": len(self.cols)}, initial_buffers=initial)
         self.layers = self.store.get("layers")  # each node's own values of its personal layers
+        self.buffers = self.store.get("buffers")  # buffers: local, each node's own
+        self.random = any(is_dropout(m) for m in model.modules())  # Dropout: masks drawn per node
         self.momentum = self.store.get("momentum")  # None: stateless, each chunk starts from zeros
         self.control, self.server_control = scaffold_state(self.store, size)
         self.personal = self.store.get("personal")  # Ditto's v_k, or None
@@ -135,8 +147,7 @@ class BatchedEngine:
         else:
             mom = self.momentum[part[0]:part[-1] + 1] if block else self.momentum[torch.from_numpy(part)]
         corr = None if self.control is None else scaffold_correction(self.server_control, self.control[where])
-        params = self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick, corr,
-                                 start=start)
+        params, buffers = self.kernel_run(main, mom, plan, part, tick, corr, self._generators(ids, rnd), start)
         if self.layers is not None:
             self.layers[where] = params[:, self.cols]
         if not block and self.momentum is not None:
@@ -146,21 +157,48 @@ class BatchedEngine:
             new, delta = scaffold_node_controls(self.control[where], self.server_control, main, params,
                                                 plan.active.sum(0), cfg.lr)
             self.control[where] = new
-        return Chunk(ids, params, delta, self._personal(main, part, plan, tick))
+        personal = self._personal(main, part, plan, tick, self._generators(ids, rnd))
+        return Chunk(ids, params if buffers is None else torch.cat([params, buffers], 1), delta, personal)
 
-    def _personal(self, main: torch.Tensor, part: np.ndarray, plan=None, tick=None) -> Optional[torch.Tensor]:
+    def _generators(self, ids: list[int], rnd: int) -> Optional[list]:
+        """One generator per node seeded from (seed, node, round), for a model with Dropout (else None)."""
+        if not self.random:
+            return None
+        return [torch.Generator(self.x.device).manual_seed(dropout_seed(self.cfg.seed, node, rnd)) for node in ids]
+
+    def _personal(self, main: torch.Tensor, part: np.ndarray, plan=None, tick=None,
+                  gens=None) -> Optional[torch.Tensor]:
         """Ditto: the nodes' personal models trained along the same plan from their kept v_k, pulled to
-        `main` by ditto_lambda, with a fresh momentum buffer; stored and returned [K, P] (None without Ditto)."""
+        `main` by ditto_lambda, with a fresh momentum buffer and the same Dropout draws as the global
+        pass; stored and returned [K, P] (None without Ditto)."""
         if self.personal is None:
             return None
         where = torch.from_numpy(part).to(self.x.device)
         start = ditto_start(self.personal[where], main)
         if plan is not None:
-            mom = torch.zeros_like(start)
+            mom, extra = torch.zeros_like(start), {} if gens is None else {"gens": gens}
             start = self.kernel.run(main, mom, self.x, self.y, plan, self.cfg.lr, self.cfg.momentum,
-                                    self.cfg.ditto_lambda, tick, None, start=start)
+                                    self.cfg.ditto_lambda, tick, None, start=start, **extra)
         self.personal[where] = start
         return start
+
+    def kernel_run(self, main: torch.Tensor, mom: torch.Tensor, plan, part: np.ndarray, tick, corr, gens,
+                   start: Optional[torch.Tensor] = None) -> tuple:
+        """The kernel's trained parameters [K, P] and, for a model with float buffers, the buffers [K, B]
+        the nodes ended with (started from `main`'s, or with `buffers: local` from each node's own);
+        `start` [K, P]: where the nodes start instead of `main` (personal layers)."""
+        cfg, size = self.cfg, self.size
+        if not self.buffer_size:
+            extra = {} if gens is None else {"gens": gens}  # the MLP kernel never sees a Dropout
+            return self.kernel.run(main, mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick,
+                                   corr, start=start, **extra), None
+        where = torch.from_numpy(part).to(self.x.device)
+        buffers = main[size:].expand(len(part), -1).clone() if self.buffers is None else self.buffers[where]
+        params = self.kernel.run(main[:size], mom, self.x, self.y, plan, cfg.lr, cfg.momentum, cfg.prox_mu, tick,
+                                 corr, buffers=buffers, gens=gens)
+        if self.buffers is not None:
+            self.buffers[where] = buffers
+        return params, buffers
 
     def state(self) -> dict[str, torch.Tensor]:
         """Per-node state kept across rounds, in node order (as SequentialEngine.state)."""

@@ -20,7 +20,7 @@ from ..errors import DataError
 from .evaluate import accuracy_loss
 from .losses import loss_function
 from .models import build_model
-from .params import flatten, views
+from .params import flatten, model_tensors, views
 from .sequential import CENTRAL_STREAM, batch_generator, sgd_epochs
 
 CACHE_KEYS = ("model", "central_epochs", "lr", "momentum", "batch_size", "seed")
@@ -87,7 +87,7 @@ def train_central(cfg: Config, x: torch.Tensor, y: torch.Tensor, test_x: torch.T
             ahead.set_state(gen.get_state())
             x.epoch(torch.randperm(len(y), generator=ahead))
         sgd_epochs(model, bufs, x, y, 1, cfg.batch_size, cfg.lr, cfg.momentum, gen, tick=tick, loss_fn=loss_fn)
-        acc, loss = accuracy_loss(model, flatten(params), test_x, test_y, loss_fn)
+        acc, loss = accuracy_loss(model, flatten(model_tensors(model)), test_x, test_y, loss_fn)
         accs.append(acc)
         losses.append(loss)
     return {"test_acc": accs, "test_loss": losses, "samples": len(y), "epochs": cfg.central_epochs}

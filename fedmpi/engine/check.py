@@ -39,8 +39,10 @@ def try_stacked(cfg: Config, model: torch.nn.Module, shape: tuple) -> None:
 
     grads = VmapKernel(model, None, loss_function(cfg.loss))._grads()
     params = {n: p.detach()[None] for n, p in model.named_parameters()}
+    buffers = {n: b.detach()[None] for n, b in model.named_buffers() if b.is_floating_point()}
     try:
-        grads(params, torch.zeros(1, 2, *shape), torch.zeros(1, 2, dtype=torch.int64), torch.full((1, 2), 0.5))
+        grads(params, buffers, {}, torch.zeros(1, 2, *shape), torch.zeros(1, 2, dtype=torch.int64),
+              torch.full((1, 2), 0.5), False)
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - user code: whatever it raises is one line

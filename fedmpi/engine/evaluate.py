@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .losses import Loss
-from .params import views, views_k
+from .params import float_buffer_names, model_tensors, views, views_k
 
 EVAL_BATCH = 2048
 
@@ -27,12 +27,17 @@ def scoring(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
+def tensor_names(model: nn.Module) -> list[str]:
+    """Names of model_tensors(model), for functional_call."""
+    return [n for n, _ in model.named_parameters()] + float_buffer_names(model)
+
+
 @torch.no_grad()
 def predict_stats(model: nn.Module, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                   loss_fn: Optional[Loss] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample correctness (bool) and loss (`loss_fn`, cross-entropy when None) with parameters `flat`."""
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(zip(names, views(flat, list(model.parameters()))))
+    """Per-sample correctness (bool) and loss (`loss_fn`, cross-entropy when None) with the main vector `flat`
+    (parameters, then float buffers: BatchNorm scores with the running statistics it carries)."""
+    params = dict(zip(tensor_names(model), views(flat, model_tensors(model))))
     correct, losses = [], []
     for start in range(0, len(y), EVAL_BATCH):
         with scoring(model):
@@ -78,7 +83,7 @@ def stacked_accuracy(model: nn.Module, params: torch.Tensor, x: torch.Tensor, y:
     slot = np.arange(width)
     real = slot[None, :] < counts[:, None]
     rows = torch.from_numpy(np.where(real, starts[:, None] + slot[None, :], 0)).to(x.device)  # padding: row 0
-    names, like = [n for n, _ in model.named_parameters()], list(model.parameters())
+    names, like = tensor_names(model), model_tensors(model)
     stacked = {n: v.reshape(len(params), *t.shape) for n, v, t in zip(names, views_k(params, like), like)}
     with scoring(model):
         logits = torch.vmap(lambda p, xb: functional_call(model, p, (xb,)))(stacked, x[rows])

@@ -33,3 +33,33 @@ def flatten(params: list[torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def load_flat(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     torch._foreach_copy_(params, views(flat, params))
+
+
+def float_buffers(model) -> list[torch.Tensor]:
+    """The model's floating-point buffers (BatchNorm's running_mean and running_var), in module order.
+    They travel after the parameters in the main vector; integer ones (num_batches_tracked) stay out."""
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
+def float_buffer_names(model) -> list[str]:
+    """Names of float_buffers(model), as functional_call and state_dict spell them."""
+    return [n for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def model_tensors(model) -> list[torch.Tensor]:
+    """What the main vector holds: the parameters, then the float buffers."""
+    return list(model.parameters()) + float_buffers(model)
+
+
+def parameter_count(model) -> int:
+    """P: the parameters' share at the front of the main vector (momentum and control variates are [*, P])."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def reset_counters(model) -> None:
+    """Integer buffers (BatchNorm's num_batches_tracked) back to zero, so no count leaks from one node to
+    the next: with BatchNorm's momentum set (the default) it never enters the math."""
+    for b in model.buffers():
+        if not b.is_floating_point():
+            b.zero_()

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_controls
 from .losses import Loss, loss_function
-from .params import flatten, load_flat, views
+from .params import flatten, float_buffers, load_flat, model_tensors, reset_counters, views
 from .prox import add_proximal_
 from .state import layer_columns, make_state, with_own_layers
 
@@ -53,6 +54,7 @@ def sgd_epochs(model: nn.Module, bufs: list[torch.Tensor], x: torch.Tensor, y: t
     """
     params = list(model.parameters())
     n = len(y)
+    model.train()  # Dropout on, BatchNorm on batch statistics; scoring switches to eval and back
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None)
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen).to(x.device)
@@ -81,8 +83,25 @@ def node_random(device: torch.device, seed: int, node: int, rnd: int) -> Iterato
     """torch's global generator (Dropout's draws) seeded from (seed, node, round), as the batch order is:
     the same draws at any rank count; the caller's generator state is restored after."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(batch_generator(seed, node, rnd, stream=DROPOUT_STREAM).initial_seed()))
+        torch.manual_seed(dropout_seed(seed, node, rnd))
         yield
+
+
+def dropout_seed(seed: int, node: int, rnd: int) -> int:
+    """The seed of a node's random draws inside the model in a round: both engines draw Dropout from it."""
+    return int(batch_generator(seed, node, rnd, stream=DROPOUT_STREAM).initial_seed())
+
+
+def check_buffers(cfg, model: nn.Module) -> None:
+    """Refuse float buffers (BatchNorm's running statistics) where they would enter math made for parameters:
+    SCAFFOLD's control variates, FedNova's normalized steps, DP's clip and noise, Ditto's personal models
+    and personal layers' columns (both [nodes, P] of parameters only)."""
+    plain = getattr(cfg, "algorithm", "fedavg") == "fedavg" and getattr(cfg, "dp", "none") == "none" \
+        and getattr(cfg, "personalize", "none") == "none" and not getattr(cfg, "personal_layers", [])
+    if float_buffers(model) and not plain:
+        raise ConfigError(f"config key 'buffers': a model with running statistics ({type(model).__name__} holds "
+                          f"float buffers) runs with algorithm: fedavg, dp: none, personalize: none and no "
+                          f"personal_layers")
 
 
 @dataclass
@@ -102,14 +121,18 @@ class SequentialEngine:
                  first_node: int, cfg) -> None:
         self.model, self.x, self.y, self.cfg = model, x, y, cfg
         self.offsets, self.first_node = offsets, first_node
+        check_buffers(cfg, model)
         self.params = list(model.parameters())
+        self.tensors = model_tensors(model)  # what the main vector holds: parameters, then float buffers
         size = sum(p.numel() for p in self.params)
         # local_state keep: each node keeps its momentum across rounds, as with one optimizer per node
         # in the tutorial; stateless, one zero buffer is reused by every node (a fresh optimizer each round).
         self.cols, self.shared = layer_columns(cfg, model, size, x.device)  # personal layers' columns, or None
         self.store = make_state(cfg, len(offsets) - 1, size, x.device,
-                                widths=None if self.cols is None else {"layers": len(self.cols)})
+                                widths=None if self.cols is None else {"layers": len(self.cols)},
+                                initial_buffers=flatten(self.tensors)[size:])
         self.layers = self.store.get("layers")  # each node's own values of its personal layers
+        self.size, self.buffers = size, self.store.get("buffers")  # buffers: local keeps each node's own
         self.momentum = self.store.get("momentum")
         self.fresh = None if self.momentum is not None else torch.zeros(size, device=x.device)
         self.loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
@@ -125,8 +148,11 @@ class SequentialEngine:
         for k in (range(len(self.offsets) - 1) if rows is None else rows):
             node = self.first_node + int(k)
             a, b = int(self.offsets[k]), int(self.offsets[k + 1])
-            load_flat(self.params, main if self.layers is None else
+            load_flat(self.tensors, main if self.layers is None else
                       with_own_layers(main, self.layers[k:k + 1], self.cols)[0])
+            if self.buffers is not None:  # FedBN: the node's own running statistics, not the average
+                load_flat(self.tensors[len(self.params):], self.buffers[k])
+            reset_counters(self.model)
             corr = None
             if self.control is not None:
                 corr = views(scaffold_correction(self.server_control, self.control[k:k + 1])[0], self.params)
@@ -138,9 +164,11 @@ class SequentialEngine:
                            cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                            batch_generator(cfg.seed, node, rnd), cfg.prox_mu, anchor, compute_dtype(cfg), tick,
                            self.loss, corr)
-            params = flatten(self.params)[None]
+            params = flatten(self.tensors)[None]
             if self.layers is not None:
                 self.layers[k] = params[0, self.cols]
+            if self.buffers is not None:
+                self.buffers[k] = params[0, self.size:]
             delta = None
             if self.control is not None:
                 steps = torch.tensor([cfg.local_epochs * -(-(b - a) // cfg.batch_size)], device=params.device)

@@ -1,6 +1,7 @@
 """Per-node state that lives across rounds: named [nodes, P] tensors, allocated only when a run needs them.
 
-Today's only entry is "momentum" (local SGD's buffer, kept with `local_state: keep` and `momentum > 0`).
+"momentum" (local SGD's buffer, kept with `local_state: keep` and `momentum > 0`), "control" (SCAFFOLD's
+c_i) and "buffers" (with `buffers: local`, each node's own BatchNorm running statistics, [nodes, B]).
 A stateless run (`local_state: reset`, or momentum 0, where a buffer never reaches the next round's
 math) holds no [nodes, P] tensor at all: each chunk trains from a zero buffer of its own, so a rank's
 memory does not grow with its node count. Algorithms with more per-node state (control variates,
@@ -23,6 +24,7 @@ class NodeState:
     def __init__(self, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
         self.nodes, self.size, self.device, self.dtype = nodes, size, device, dtype
         self.tensors: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, torch.Tensor] = {}  # a row a reset goes back to; zeros where absent
 
     def register(self, name: str, size: Optional[int] = None) -> torch.Tensor:
         """Allocate the zero-filled tensor `name` [nodes, size or P] (once; a second call returns the same one)."""
@@ -41,21 +43,31 @@ class NodeState:
         return None if t is None else t.index_select(0, part.to(t.device))
 
     def reset_row(self, k: int) -> None:
-        """Node k starts afresh (a diverged node): every kept tensor's row back to zero."""
-        for t in self.tensors.values():
-            t[k].zero_()
+        """Node k starts afresh (a diverged node): every kept tensor's row back to zero, kept buffers back to
+        the model's initial ones (a zero running variance would blow up its scores)."""
+        for name, t in self.tensors.items():
+            if name in self.initial:
+                t[k].copy_(self.initial[name])
+            else:
+                t[k].zero_()
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.tensors)
 
 
 def make_state(cfg, nodes: int, size: int, device: torch.device, dtype: Optional[torch.dtype] = None,
-               widths: Optional[dict] = None) -> NodeState:
+               widths: Optional[dict] = None, initial_buffers: Optional[torch.Tensor] = None) -> NodeState:
     """The store with every tensor this config keeps already registered; `widths`: names narrower than P
-    (personal layers: only their columns)."""
+    (personal layers: only their columns); "buffers" (`buffers: local`) is [nodes, B], every row starting
+    from the model's initial float buffers `initial_buffers` [B]."""
     store = NodeState(nodes, size, device, dtype)
     for name in node_state_names(cfg):
-        store.register(name, (widths or {}).get(name))
+        if name == "buffers":
+            initial = torch.zeros(0, device=device) if initial_buffers is None else initial_buffers.to(device)
+            store.register(name, initial.numel()).copy_(initial.expand(nodes, -1))
+            store.initial[name] = initial.clone()
+        else:
+            store.register(name, (widths or {}).get(name))
     return store
 
 

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .batchnorm import masked_copy
+from .dropout import draw_masks, dropout_shapes, is_dropout
 from .losses import Loss
-from .params import views_k
+from .params import float_buffer_names, float_buffers, views_k
 from .plan import Plan
 
 
@@ -29,40 +31,70 @@ class VmapKernel:
         self.loss_fn = loss_fn or partial(F.cross_entropy, reduction="none")
         self.names = [n for n, _ in model.named_parameters()]
         self.like = list(model.parameters())
+        self.buffer_names, self.buffer_like = float_buffer_names(model), float_buffers(model)
         # The threads copy this private template, never `model` itself: the round's scoring runs
         # functional_call on `model` (swapping its parameters) while workers may still start up.
         self._template = copy.deepcopy(model)
         self._local = threading.local()
+        self._probe, self._layers = threading.Lock(), None
 
     def _grads(self):
         """vmap(grad(loss)) over this thread's own copy of the model: functional_call swaps the
         module's parameters while it runs, so two threads must never share one module."""
         if not hasattr(self._local, "grads"):
-            model, per_row = copy.deepcopy(self._template), self.loss_fn
+            (model, rows), per_row = masked_copy(self._template), self.loss_fn
+            model.train()
 
-            def loss(params: dict, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return (per_row(functional_call(model, params, (x,)), y) * w).sum()
+            def loss(params: dict, buffers: dict, noise: dict, x: torch.Tensor, y: torch.Tensor,
+                     w: torch.Tensor, dense: bool = False) -> tuple:
+                # BatchNorm's statistics over the rows this step weights (the node's real rows); Dropout's masks
+                rows.mask, rows.out, rows.noise, rows.dense = w > 0, [], noise, dense
+                try:
+                    value = (per_row(functional_call(model, {**params, **buffers}, (x,)), y) * w).sum()
+                    return value, dict(rows.out)
+                finally:
+                    rows.mask, rows.out, rows.noise, rows.dense = None, [], None, False
 
-            self._local.grads = vmap(grad(loss))
+            self._local.grads = vmap(grad(loss, has_aux=True), in_dims=(0, 0, 0, 0, 0, 0, None))
         return self._local.grads
+
+    def _dropouts(self, x: torch.Tensor) -> list:
+        """(name, p, per-sample input shape) of every Dropout, in forward order (found once, on a row of x)."""
+        with self._probe:  # the worker threads' first steps: one forward on the template, not two at once
+            if self._layers is None:
+                shapes = dropout_shapes(self._template, x)
+                ps = {n: m.p for n, m in self._template.named_modules() if is_dropout(m)}
+                self._layers = [(name, ps[name], tuple(shape)) for name, shape in shapes.items()]
+        return self._layers
 
     def run(self, main: torch.Tensor, mom: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
             plan: Plan, lr: float, m: float, mu: float = 0.0,
             tick: Optional[Callable[[], None]] = None, corr: Optional[torch.Tensor] = None,
+            buffers: Optional[torch.Tensor] = None, gens: Optional[list] = None,
             start: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Train K nodes from `main` (or from `start` [K, P]) along `plan`; momentum `mom` [K, P] is updated
         in place. `tick()` runs before each step (progress, and a stop signal raising out of the chunk);
-        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient; the proximal term pulls to `main`."""
+        `corr` [K, P] (SCAFFOLD's c - c_i) is added to every step's gradient; the proximal term pulls to
+        `main`; `buffers` [K, B] (the float buffers, BatchNorm's running statistics) are updated in place;
+        `gens` (one per node) draw Dropout's masks."""
         K, grads = mom.shape[0], self._grads()
         flat = (main.expand(K, -1) if start is None else start).clone()
         params = dict(zip(self.names, [v.view(K, *t.shape) for v, t in
                                        zip(views_k(flat, self.like), self.like)]))
+        bufs = {} if buffers is None else dict(zip(self.buffer_names, [
+            v.view(K, *t.shape) for v, t in zip(views_k(buffers, self.buffer_like), self.buffer_like)]))
+        dense = (plan.weight > 0).all(2).all(1).cpu().numpy() if bufs else None  # steps without padding rows
         for s in range(plan.idx.shape[0]):
             if tick is not None:
                 tick()
             idx = plan.idx[s]
             with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                g = grads(params, x[idx], y[idx], plan.weight[s])
+                noise = draw_masks(self._dropouts(x), gens, (plan.weight[s] > 0).sum(1), idx.shape[1], x) \
+                    if gens is not None else {}
+                g, stats = grads(params, bufs, noise, x[idx], y[idx], plan.weight[s],
+                                 dense is not None and bool(dense[s]))
+            for name, value in stats.items():
+                bufs[name].copy_(value)
             g = torch.cat([g[n].reshape(K, -1) for n in self.names], 1)
             if mu:  # FedProx; nodes sitting this step out are masked below with their gradient
                 g.add_((flat - main).mul_(mu * plan.active[s].unsqueeze(1)))

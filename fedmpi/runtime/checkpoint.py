@@ -289,9 +289,9 @@ def load_main(folder: Path, like: torch.Tensor, state_names: tuple[str, ...],
 
 def load_momentum(folder: Path, meta: dict, first: int, stop: int, like: torch.Tensor, key: str = "momentum",
                   tensors: int = 1, row_values: Optional[int] = None) -> torch.Tensor:
-    """Per-node state `key` (momentum, or scaffold's control) of nodes first..stop-1 (typed like `like`,
-    [*, P]), from whichever rank files hold them; each file holds `tensors` such tensors, or `row_values`
-    values per node in all (tensors of different widths)."""
+    """Per-node state `key` (momentum, scaffold's control, kept buffers) of nodes first..stop-1 (typed like
+    `like`, [*, width]), from whichever rank files hold them; each file holds `tensors` such tensors,
+    `row_values` values per node in all (default: `tensors` times this one's width)."""
     import torch
 
     size = like.shape[1]

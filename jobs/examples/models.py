@@ -2,8 +2,8 @@
 
 Named in a config by its import path (`model: models:small_cnn`, run from jobs/examples/ or with
 jobs/examples on PYTHONPATH); `model_args` become its keyword arguments beside `input_shape`
-and `classes`, which fedmpi passes from the shard file. The batched engine does not stack BatchNorm's
-running statistics or Dropout's draws yet: run it with `engine: sequential`.
+and `classes`, which fedmpi passes from the shard file. Both engines train it: BatchNorm's running
+statistics follow `buffers:` (average or local), Dropout's masks are drawn per node from (seed, node, round).
 """
 from torch import nn
 

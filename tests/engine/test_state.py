@@ -101,3 +101,16 @@ def test_the_store_registers_once_and_resets_rows():
     assert store.rows("absent", torch.tensor([0])) is None
     assert set(make_state(Config(), 2, 3, torch.device("cpu")).as_dict()) == {"momentum"}
     assert make_state(Config(local_state="reset"), 2, 3, torch.device("cpu")).as_dict() == {}
+
+
+def test_kept_buffers_start_from_the_models_and_a_reset_row_goes_back_to_them():
+    initial = torch.tensor([0.0, 0.0, 1.0, 1.0])  # running_mean, running_var of a BatchNorm of 2 channels
+    store = make_state(Config(buffers="local"), 3, 5, torch.device("cpu"), initial_buffers=initial)
+    kept = store.get("buffers")
+    assert kept.shape == (3, 4) and torch.equal(kept, initial.expand(3, -1))
+    assert store.get("momentum").shape == (3, 5)
+    kept += 7
+    store.get("momentum").add_(1)
+    store.reset_row(2)
+    assert torch.equal(kept[2], initial) and torch.equal(kept[0], initial + 7)
+    assert store.get("momentum")[2].abs().sum() == 0
