@@ -11,14 +11,14 @@ def results(run_dir):
     return [{k: v for k, v in row.items() if not k.startswith("t_")} for row in read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("state", ["keep", "reset"])
+@pytest.mark.parametrize("state, engine", [("keep", "batched"), ("reset", "batched"), ("keep", "sequential")])
 def test_reading_each_rounds_nodes_gives_the_rows_of_the_resident_block_at_1_and_2_ranks(small_data, tmp_path,
-                                                                                         state):
+                                                                                         state, engine):
     got = {}
     for ranks in (1, 2):
         for budget in ("0", str(4 << 30)):  # 0: every round reads its nodes from the file
             run_dir = tmp_path / f"n{ranks}-{budget}"
-            result = fedmpi(["run", "--set", *SAMPLED, small_data, f"local_state={state}",
+            result = fedmpi(["run", "--set", *SAMPLED, small_data, f"local_state={state}", f"engine={engine}",
                              f"data_resident_bytes={budget}", "--out", str(run_dir)], ranks=ranks)
             assert result.returncode == 0, result.stderr
             assert_world(run_dir, ranks)

@@ -35,6 +35,7 @@ class ShuffledRows:
         self.order: Optional[np.ndarray] = None
         self.at = 0                    # position in the order of the next batch
         self.chunk = (0, 0, None, None)  # (first position, stop, x rows in order, y rows in order)
+        self.last: Optional[tuple] = None  # (x, y) of the batch served last, whose labels `labels` gives
         self.labels = Labels(self)
 
     def __len__(self) -> int:
