@@ -14,8 +14,8 @@ other repetition), so a slow spell of a shared machine hits every row:
   loop, channels_last   the same with the batch and conv weights in channels_last memory format
   vmap, bf16 autocast   VmapKernel's step with autocast bfloat16 (AMX through oneDNN where present)
   loop, bf16 autocast   the per-node loop with autocast bfloat16
---sizes: VmapKernel's whole step at several chunk sizes, per node-step. Rows: median milliseconds
-per step and per node-step, and the ratio to VmapKernel's float32 step.
+Rows: median milliseconds per step and per node-step, and the ratio to VmapKernel's float32 step.
+--sizes: whole steps at several chunk sizes, per node-step: VmapKernel's, the loop's, the loop's in bf16.
 """
 from __future__ import annotations
 
@@ -140,10 +140,17 @@ def main() -> None:
     K, B = args.nodes, args.batch
     if args.sizes:
         ks = [int(k) for k in args.sizes.split(",")]
-        med = timeit({k: vmap_step(k, B)[0] for k in ks}, args.reps)
-        print(f"VmapKernel cnn step per node, batch {B}, 1 thread, {args.reps} interleaved repetitions, medians:")
+        runs = {**{("vmap", k): vmap_step(k, B)[0] for k in ks}, **{("loop", k): loop_step(k, B) for k in ks},
+                **{("loop bf16", k): loop_step(k, B, dtype=torch.bfloat16) for k in ks}}
+        med = timeit(runs, args.reps)
+        ref = med[("vmap", 1)] if 1 in ks else None
+        print(f"cnn step per node-step (ms), batch {B}, 1 thread, {args.reps} interleaved repetitions, medians"
+              + (" (ratio to VmapKernel at K=1)" if ref else ""))
+        print("\n| K | vmap | loop | loop, bf16 autocast |\n|---:|---:|---:|---:|")
         for k in ks:
-            print(f"  K={k:3d}: {med[k] / k * 1e3:7.2f} ms per node-step")
+            cells = [f"{med[(w, k)] / k * 1e3:.1f}" + (f" ({med[(w, k)] / k / ref:.2f})" if ref else "")
+                     for w in ("vmap", "loop", "loop bf16")]
+            print(f"| {k} | " + " | ".join(cells) + " |")
         return
     step, pieces = vmap_step(K, B)
     runs = {"vmap (VmapKernel step)": step, **pieces,

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..fl.algorithms import scaffold_correction, scaffold_node_controls
+from .conv import ConvKernel, fits_conv_kernel
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .plan import make_plan
@@ -96,7 +97,8 @@ class BatchedEngine:
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
-        self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype, loss)
+        generic = ConvKernel if fits_conv_kernel(model) else VmapKernel
+        self.kernel = MLPKernel(model, layers, dtype) if layers else generic(model, dtype, loss)
         chunk = getattr(cfg, "chunk_nodes", 0)
         if chunk <= 0:
             chunk = auto_chunk(model, x, cfg.batch_size, nodes, ranks_on_device) if len(x) else 1
