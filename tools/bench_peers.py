@@ -1,7 +1,7 @@
 """Benchmark: the tutorial round in fedmpi, pfl-research and Flower, interleaved on one machine.
 
     python tools/bench_peers.py [--rounds N] [--quick] [--peers pfl,flwr|none] [--models 2nn,cnn]
-                                [--device cpu|cuda] [--bf16] [--data-dir DIR] [--json OUT]
+                                [--nodes N] [--device cpu|cuda] [--bf16] [--data-dir DIR] [--json OUT]
 
 Workload: 100 nodes x 450 MNIST training images (45 per digit) from fedmpi's own shard file, so every
 contender trains the same partition from the same initial weights; SGD lr 0.01 momentum 0.9, batch 32;
@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="comma list of 2nn, cnn (default both; --quick 2nn)")
     p.add_argument("--pfl-layouts", default=None, help="pfl PROCESSESxTHREADS list (default 1x1,1x2,2x1)")
     p.add_argument("--flwr-layouts", default=None, help="Flower WORKERSxCPUS list (default 2x1,1x2)")
+    p.add_argument("--nodes", type=int, default=100, help="nodes of 450 images each (default 100, the tutorial's)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--bf16", action="store_true", help="add fedmpi -n 2 with autocast: bf16 (bfloat16 matmuls)")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FEDMPI_DATA", DEFAULT_DATA)),
@@ -84,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             contenders.layout(text)
         except ValueError as err:
             p.error(str(err))
-    if min(args.rounds, args.cnn_rounds, args.epochs, args.cnn_epochs) < 1:
-        p.error("--rounds, --cnn-rounds, --epochs and --cnn-epochs must be >= 1")
+    if min(args.rounds, args.cnn_rounds, args.epochs, args.cnn_epochs, args.nodes) < 1:
+        p.error("--rounds, --cnn-rounds, --epochs, --cnn-epochs and --nodes must be >= 1")
     return args
 
 
@@ -106,7 +107,8 @@ def has_local_state() -> bool:
 def shard_file(args) -> Path:
     """The tutorial's shard file, written once by fedmpi's own prepare step (jobs/mnist_iid.yaml)."""
     cfg = load_config(str(HERE.parent / "jobs" / "mnist_iid.yaml"),
-                      dict(data_dir=str(args.data_dir), data_file=str(args.work / "mnist-balanced-100x450-seed0.h5")))
+                      dict(data_dir=str(args.data_dir), nodes=args.nodes,
+                           data_file=str(args.work / f"mnist-balanced-{args.nodes}x450-seed0.h5")))
     return prepare(cfg)
 
 
@@ -115,7 +117,8 @@ def workload(args, model: str, data_file: Path) -> contenders.Workload:
     init = args.work / f"init-{model}.pt"
     torch.save(build_model(model, (1, 28, 28), 10, 0).state_dict(), init)
     rounds, epochs = (args.rounds, args.epochs) if model == "2nn" else (args.cnn_rounds, args.cnn_epochs)
-    return contenders.Workload(model, rounds, epochs, data_file, init, args.data_dir, args.work, args.device)
+    return contenders.Workload(model, rounds, epochs, data_file, init, args.data_dir, args.work, args.device,
+                               args.nodes)
 
 
 def lineup(args, w: contenders.Workload, pythons: dict, best: dict) -> list[contenders.Contender]:

@@ -22,6 +22,7 @@ from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_cont
 from .batchnorm import check_batchnorm
 from .dropout import is_dropout
 from .evaluate import scoring
+from .conv import ConvKernel, fits_conv_kernel
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .params import flatten, float_buffers, model_tensors
@@ -112,7 +113,8 @@ class BatchedEngine:
         loss = loss_function(getattr(cfg, "loss", "cross_entropy"))
         layers = mlp_layers(model) if loss is None else None  # the MLP kernel's backward is cross-entropy's
         dtype = compute_dtype(cfg)
-        self.kernel = MLPKernel(model, layers, dtype) if layers else VmapKernel(model, dtype, loss)
+        generic = ConvKernel if fits_conv_kernel(model) else VmapKernel
+        self.kernel = MLPKernel(model, layers, dtype) if layers else generic(model, dtype, loss)
         chunk = getattr(cfg, "chunk_nodes", 0)
         if chunk <= 0:
             chunk = auto_chunk(model, x, cfg.batch_size, nodes, ranks_on_device) if len(x) else 1

@@ -190,7 +190,7 @@ def test_split_rows_cuts_near_equal_parts_in_order_a_multiple_of_the_workers():
 @pytest.mark.parametrize("model_name", ["2nn", "cnn"])
 def test_worker_threads_give_exactly_the_single_thread_result(model_name):
     """Each chunk runs single-threaded on some worker: for the same chunks, the same bits. (The
-    cnn's vmap path gives every worker thread its own module copy: functional_call swaps the
+    cnn's kernels give every worker thread its own module copy: functional_call swaps the
     module's parameters while it runs, so a shared one would mix the nodes of two chunks.)
 
     (6 nodes in chunks of 2 make 3 parts, a multiple of 3 workers; 4 sampled nodes in chunks of 1

@@ -112,7 +112,8 @@ def test_saved_run_prints_its_tables_again(tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--models", "3nn"], "'3nn'"), (["--peers", "tff"], "'tff'"),
-                                         (["--pfl-layouts", "2by1"], "'2by1'"), (["--rounds", "0"], "--rounds")])
+                                         (["--pfl-layouts", "2by1"], "'2by1'"), (["--rounds", "0"], "--rounds"),
+                                         (["--nodes", "0"], "--nodes")])
 def test_bad_options_end_with_one_line_naming_them(args, named):
     proc = bench(*args)
     assert proc.returncode == 2 and named in proc.stderr.strip().splitlines()[-1]
@@ -152,3 +153,11 @@ def test_bf16_line_sets_autocast_and_runs_apart_from_the_float32_line(tmp_path):
     assert bf16.name == "fedmpi -n 2, autocast: bf16" and plain.name == "fedmpi -n 2"
     assert "autocast=bf16" in bf16.cmd and "autocast=bf16" not in plain.cmd
     assert bf16.run_dir != plain.run_dir and bf16.semantics == plain.semantics
+
+
+def test_fedmpi_line_trains_the_workloads_node_count_and_leaves_paced_waits_to_the_runner(tmp_path):
+    """--nodes reaches fedmpi's config; waiting for other contenders' rounds must not trip fedmpi's watchdog."""
+    from peers.contenders import Workload, fedmpi
+    w = Workload("cnn", 2, 1, tmp_path / "d.h5", tmp_path / "i.pt", tmp_path, tmp_path, "cpu", nodes=20)
+    cmd = fedmpi(w, 2, 1).cmd
+    assert "nodes=20" in cmd and "stall_timeout_s=0" in cmd

@@ -55,6 +55,7 @@ class Workload:
     data_dir: Path
     work: Path
     device: str
+    nodes: int = 100
 
 
 def layout(text: str) -> tuple[int, int]:
@@ -75,7 +76,10 @@ def fedmpi(w: Workload, ranks: int, threads: int, reset: bool = False, bf16: boo
     name = f"fedmpi -n {ranks}" + (", local_state: reset" if reset else "") + (", autocast: bf16" if bf16 else "")
     run_dir = w.work / "runs" / f"{w.model}-fedmpi-n{ranks}{'-reset' if reset else ''}{'-bf16' if bf16 else ''}"
     sets = [f"threads={threads}", f"rounds={w.rounds}", f"local_epochs={w.epochs}", "central_epochs=0",
-            f"data_file={w.data_file}", f"model={w.model}", f"device={w.device}"]
+            f"data_file={w.data_file}", f"model={w.model}", f"device={w.device}", f"nodes={w.nodes}",
+            # The paced wait between rounds is no progress to the watchdog: the runner's round timeout
+            # catches a hang instead (waits for slow peers' rounds exceeded the default 300 s).
+            "stall_timeout_s=0"]
     sets += (["local_state=reset"] if reset else []) + (["autocast=bf16"] if bf16 else [])
     cmd = [mpirun(), "-n", str(ranks), sys.executable, str(HERE / "fedmpi_paced.py"), "run",
            "--config", str(ROOT / "jobs" / "mnist_iid.yaml"), "--data-dir", str(w.data_dir), "--out", str(run_dir),
@@ -109,7 +113,8 @@ def flwr(w: Workload, python: Path, workers: int, threads: int, cores: int) -> C
     if workers * threads > cores:
         raise ValueError(f"flwr layout {workers}x{threads}: Ray runs at most {cores} // num_cpus workers here")
     gpus = f"{1 / workers:g}" if w.device == "cuda" else "0"
-    cmd = [str(python), str(HERE / "flwr_tutorial.py"), *driver_args(w, threads), "--gpus-per-client", gpus]
+    cmd = [str(python), str(HERE / "flwr_tutorial.py"), *driver_args(w, threads), "--gpus-per-client", gpus,
+           "--nodes", str(w.nodes)]
     # Ray runs cores // num_cpus workers: with fewer workers than that, say so by exposing fewer cores.
     env = dict(peer_env(python, threads), RAY_DISABLE_USAGE_STATS="1")
     if workers * threads < cores:
