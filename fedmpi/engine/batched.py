@@ -20,9 +20,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..fl.algorithms import ditto_start, scaffold_correction, scaffold_node_controls
 from .batchnorm import check_batchnorm
+from .conv import ConvKernel, fits_conv_kernel
 from .dropout import is_dropout
 from .evaluate import scoring
-from .conv import ConvKernel, fits_conv_kernel
 from .losses import loss_function
 from .mlp import MLPKernel, mlp_layers
 from .params import flatten, float_buffers, model_tensors
