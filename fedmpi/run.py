@@ -1,9 +1,7 @@
 """`fedmpi run`: the round loop (select, train, allreduce, evaluate, record) and the run around it."""
 from __future__ import annotations
 
-import json
 import math
-import platform
 import signal
 import sys
 import time
@@ -14,31 +12,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import __version__
-from .config import Config, config_text
+from .combine import aggregate, new_sum
+from .config import Config
 from .data.rounds import load_round
 from .engine.evaluate import accuracy_loss, per_node_accuracy, stacked_accuracy
 from .engine.losses import loss_function
-from .engine.params import load_flat, model_tensors, parameter_count, reset_counters
-from .errors import FedmpiError
-from .fl import dp, secure
-from .fl.aggregate import (
-    INTERRUPTED,
-    UpdateSum,
-    Wire,
-    extra_sum,
-    round_abandoned,
-    summed_total,
-    summed_update,
-    trailer,
-    unclipped_count,
-)
-from .fl.algorithms import fednova_rows, fednova_scale, scaffold_server_control
+from .fl import dp
+from .fl.aggregate import INTERRUPTED
+from .fl.algorithms import fednova_rows
 from .fl.compress import payload_bytes
-from .fl.ring import FixedPoint
 from .fl.sampling import local_selection
 from .output import tensorboard
-from .output.metrics import MetricsWriter, describe_round, elapsed_before, metrics_row, write_atomic, write_nodes_csv
+from .output.metrics import MetricsWriter, elapsed_before, metrics_row
+from .output.runfiles import final_epsilon, progress, record, save_model, start_files
 from .output.summary import summary
 from .output.tensorboard import TensorBoardWriter
 from .rank import Rank, setup
@@ -46,14 +32,6 @@ from .runtime import checkpoint, faults, watchdog
 from .runtime.agree import on_rank0
 from .runtime.comm import agreed
 from .runtime.stop import Interrupted, StopFlag, abort_on_second_interrupt
-
-DIVERGED_EXIT_CODE = 3
-
-
-class DivergedError(FedmpiError):
-    """More nodes than max_dropped_fraction produced NaN/Inf in one round."""
-
-    exit_code = DIVERGED_EXIT_CODE
 
 
 @dataclass
@@ -85,11 +63,6 @@ class MomentumUndo:
             self.state[name].index_copy_(0, self.index, rows)
 
 
-def extra_values(st: Rank) -> int:
-    """Values the Allreduce carries after the model update: SCAFFOLD's control deltas (P), FedNova's
-    weighted step count (1), else none."""
-    return {"scaffold": st.main.numel(), "fednova": 1}.get(st.cfg.algorithm, 0)
-
 
 def sync(device: torch.device) -> float:
     """A wall-clock reading after the device has finished its queued work."""
@@ -116,19 +89,6 @@ def train_or_interrupt(st: Rank, rnd: int, rows: np.ndarray, stop: StopFlag) -> 
     return update, local_acc, personal_acc, dropped, unclipped, t_train, False
 
 
-def new_sum(st: Rank):
-    """The round's accumulator: float updates (UpdateSum), or fixed-point ones in the ring (secure aggregation)."""
-    if st.privacy.secure:
-        return secure.RingSum(st.main, FixedPoint(st.privacy.clip, dp.max_round_nodes(st.cfg), st.privacy.bits))
-    shared = getattr(st.engine, "shared", None)  # personal layers: only the shared columns travel
-    return UpdateSum(st.main if shared is None else st.main[shared], wire(st))
-
-
-def wire(st: Rank) -> Wire:
-    """How this rank's buffer travels: dtype, the fp16/bf16 count layout, SCAFFOLD/FedNova's extra values,
-    DP's count inside the clip."""
-    return Wire(st.cfg.update_dtype, st.comm.size, st.comm.rank, st.most_nodes, extra_values(st),
-                unclipped=st.privacy.clipping)
 
 
 def train_local(st: Rank, rnd: int, rows: np.ndarray, tick: Optional[Callable[[], None]] = None) -> tuple:
@@ -283,127 +243,7 @@ def nodes_round(cfg: Config, rnd: int) -> bool:
     return rnd % cfg.node_metrics_every == 0 or rnd == cfg.rounds
 
 
-def aggregate(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: np.ndarray) -> tuple:
-    """Allreduce(SUM) of [updates | extra | weight, dropped, (unclipped,) stop votes] (a rank without
-    selected nodes sends zeros; secure aggregation: the masked ring buffer), then move the main model
-    unless the round is abandoned; returns the buffer, timings, dropped total, agreed stop, abandoned,
-    and the round's privacy metrics."""
-    cfg = st.cfg
-    buf, timing, summed, (dropped_total, unclipped, stop_all, abandoned), released = reduce(st, rnd, update, counts,
-                                                                                            vote, selected)
-    if abandoned:
-        return buf, timing, dropped_total, True, True, released
-    if dropped_total > cfg.max_dropped_fraction * len(selected):
-        raise DivergedError(f"{dropped_total} of {len(selected)} nodes diverged (NaN/Inf) in round {rnd}, more than "
-                            f"max_dropped_fraction={cfg.max_dropped_fraction}; the last checkpoint is kept")
-    participants = len(selected) - dropped_total
-    if st.privacy.clipping:  # noise, the fixed denominator and the clip's next value (fl/dp.py)
-        mean, row = dp.release(st.privacy, summed(participants), participants, unclipped, cfg.seed, rnd)
-        released.update(row)
-        if mean is not None:
-            st.main = st.server.step(st.main, mean)
-    elif participants > 0:
-        server_step(st, buf, wire(st))
-    elif len(selected) and st.comm.rank == 0:  # only max_dropped_fraction 1 lets a round lose every node
-        print(f"fedmpi: all {len(selected)} nodes diverged (NaN/Inf) in round {rnd}; the main model and the server "
-              f"optimizer stay as they were", file=sys.stderr, flush=True)
-    return buf, timing, dropped_total, stop_all, False, released
 
-
-def server_step(st: Rank, buf: np.ndarray, w: Wire) -> None:
-    """The server optimizer's step along the mean update; FedNova rescales it, SCAFFOLD moves c too."""
-    update_sum, scale = summed_update(buf, w)
-    shared = getattr(st.engine, "shared", None)
-    if shared is not None:  # personal layers: the main model's own values of them never move
-        full = torch.zeros(st.main.numel(), dtype=update_sum.dtype)
-        full[shared.cpu()] = update_sum
-        update_sum = full
-    if st.cfg.algorithm == "fednova":  # tau_eff times the mean normalized update
-        scale = fednova_scale(trailer(buf, w)[0], float(extra_sum(buf, w)[0]))
-    size = parameter_count(st.model)
-    buffers = st.main[size:].clone() if st.main.numel() > size else None
-    st.main = st.server.step(st.main, update_sum, scale)
-    if buffers is not None:  # running statistics: the plain weighted mean, whatever the server optimizer
-        st.main[size:] = buffers + update_sum[size:].to(buffers) * scale
-    if st.cfg.algorithm == "scaffold":  # SCAFFOLD: c += (|S| / N) * the mean control delta
-        scaffold_server_control(st.engine.server_control, extra_sum(buf, w), st.cfg.nodes)
-
-
-def reduce(st: Rank, rnd: int, update, counts: tuple, vote: float, selected: np.ndarray) -> tuple:
-    """The round's one Allreduce; returns the buffer, timing, sum(participants) -> summed update, the
-    all-reduced (dropped, unclipped, stop, abandoned), and secure aggregation's metrics."""
-    comm, dropped, unclipped = st.comm, *counts
-    if st.privacy.secure:
-        buf = update.pack(dropped, vote, unclipped)
-        t_mask = secure.masked(st.masks, buf, rnd)
-        timing = comm.allreduce_sum(buf)
-        totals = secure.counts(buf, st.privacy.bits, len(selected), comm.size)
-        return (buf, timing, lambda n: secure.decoded_sum(buf, update.fixed, n), totals,
-                dict(secagg_t_mask=t_mask, secagg_bytes=buf.nbytes))
-    w = wire(st)
-    # DP divides by the fixed denominator W; fp16/bf16 carry the sum pre-divided by it (or the round's weight)
-    round_weight = st.privacy.expected_nodes if st.privacy.dp else float(st.all_weights[selected].sum()) or 1.0
-    buf = update.pack(dropped, vote, w, round_weight, unclipped)
-    timing = comm.allreduce_sum(buf, None if st.cfg.update_dtype == "fp32" else st.cfg.update_dtype)
-    _, dropped_total, stop_all = trailer(buf, w)
-    totals = (dropped_total, unclipped_count(buf, w) if w.unclipped else 0, stop_all, round_abandoned(buf, w))
-    return buf, timing, lambda n: summed_total(buf, w, round_weight), totals, {}
-
-
-def progress(st: Rank, done: int) -> None:
-    """A live count of trained nodes on rank 0, only when stderr is a terminal (never in batch logs)."""
-    if st.comm.rank == 0 and sys.stderr.isatty():
-        print(f"\r  training: {done}/{len(st.samples)} nodes on rank 0", end="", file=sys.stderr, flush=True)
-
-
-def run_info(st: Rank, ranks: list) -> dict:
-    """run.json: who ran where, with what (from every rank's `rank_info`)."""
-    return dict(fedmpi_version=__version__, world_size=st.comm.size, mpi_library=st.comm.library_version(),
-                torch_version=torch.__version__, python=platform.python_version(),
-                hosts=sorted({r["host"] for r in ranks}), nodes_per_rank=[r["nodes"] for r in ranks],
-                devices=[r["device"] for r in ranks], threads_per_rank=[r["threads"] for r in ranks],
-                resumed_from_round=st.done_rounds, **st.privacy.record())
-
-
-def rank_info(st: Rank) -> dict:
-    """This rank's part of run.json."""
-    return dict(rank=st.comm.rank, host=platform.node(), device=str(st.device), nodes=len(st.samples),
-                threads=torch.get_num_threads())
-
-
-def start_files(st: Rank, run_dir: Path) -> Optional[MetricsWriter]:
-    """Collective, once every rank has set up (checkpoint included): rank 0 writes config.yaml (when it
-    changed), run.json, central.json and the metrics so far; a failed write ends every rank."""
-    ranks = st.comm.gather(rank_info(st))
-
-    def write() -> MetricsWriter:
-        config_yaml = run_dir / "config.yaml"
-        text = config_text(st.cfg)
-        # Unchanged on a plain resume: never rewritten (the other ranks have read it).
-        if not (config_yaml.is_file() and config_yaml.read_bytes() == text.encode()):
-            write_atomic(config_yaml, text)
-        write_atomic(run_dir / "run.json", json.dumps(run_info(st, ranks), indent=2) + "\n")
-        if st.central is not None:
-            write_atomic(run_dir / "central.json", json.dumps(st.central, indent=2) + "\n")
-        return MetricsWriter(run_dir, st.rows)
-
-    return on_rank0(st.comm, write)
-
-
-def record(st: Rank, run_dir: Path, writer: Optional[MetricsWriter], result: RoundResult,
-           board: Optional[TensorBoardWriter] = None) -> None:
-    """Rank 0: append the row (and its scalars to TensorBoard), print one line, rewrite nodes.csv in the
-    rounds that list every node."""
-    if result.row is None:
-        return
-    watchdog.stage("writing metrics", result.row["round"])
-    st.rows.append(result.row)
-    writer.write(result.row)
-    if board is not None:
-        board.write(result.row)
-    print(("\r" if sys.stderr.isatty() else "") + describe_round(result.row, st.cfg.rounds), flush=True)
-    if result.nodes is not None:
-        write_nodes_csv(run_dir / "nodes.csv", result.nodes, st.client_ids)
 
 
 def run(cfg: Config, run_dir: Path, comm, resumed: Optional[tuple] = None) -> int:
@@ -465,16 +305,3 @@ def stop_job(st: Rank, run_dir: Path, stop: StopFlag, done: int, complete: bool)
               f"continue with: fedmpi run --resume {run_dir}", flush=True)
     return checkpoint.STOP_EXIT_CODE
 
-
-def final_epsilon(st: Rank, path: Path) -> None:
-    """run.json gains the epsilon after the last round (rank 0, at the end of a complete run)."""
-    info = json.loads(path.read_text())
-    info["dp_epsilon"] = st.rows[-1].get("dp_epsilon") if st.rows else None
-    write_atomic(path, json.dumps(info, indent=2) + "\n")
-
-
-def save_model(st: Rank, path: Path) -> None:
-    """The final main model as a plain state_dict (loads with torch.load(..., weights_only=True)), atomically."""
-    load_flat(model_tensors(st.model), st.main)  # the parameters and the float buffers the round carried
-    reset_counters(st.model)  # num_batches_tracked: the last trained node's count on this rank, not a result
-    write_atomic(path, checkpoint.tensor_bytes({k: v.detach().cpu() for k, v in st.model.state_dict().items()}))
