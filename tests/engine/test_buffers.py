@@ -151,10 +151,12 @@ def test_the_batched_engine_refuses_only_what_it_cannot_stack():
         check_stackable(nn.Sequential(nn.Linear(4, 4), Counter()))
 
 
-def test_buffers_refuse_algorithms_made_for_parameters_only():
+@pytest.mark.parametrize("key,value", [("algorithm", "scaffold"), ("dp", "gaussian"), ("personalize", "ditto"),
+                                       ("personal_layers", ["fc"])])
+def test_buffers_refuse_algorithms_made_for_parameters_only(key, value):
     x, y, offsets = shards([8, 8])
-    cfg = SimpleNamespace(**vars(config()), algorithm="scaffold", dp="none")
-    with pytest.raises(ConfigError, match=r"config key 'buffers'.*algorithm: fedavg and dp: none"):
+    cfg = SimpleNamespace(**{**vars(config()), key: value})
+    with pytest.raises(ConfigError, match=r"config key 'buffers'.*algorithm: fedavg, dp: none, personalize: none"):
         SequentialEngine(bn_net(), x, y, offsets, 0, cfg)
 
 
