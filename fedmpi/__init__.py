@@ -3,8 +3,6 @@
 `fedmpi.run(config, model=..., loss=...)` runs a job from a Python script (see fedmpi.api.run);
 the `fedmpi` command does the same from a shell. Importing fedmpi is cheap: torch and MPI load on use.
 """
-import sys
-import types
 from typing import Any
 
 from .errors import ConfigError, DataError, FedmpiError, OutputError
@@ -20,26 +18,6 @@ def run(*args: Any, **kwargs: Any):
 
     return api_run(*args, **kwargs)
 
-
-_entry = run
-
-
-class _RoundLoopModule(types.ModuleType):
-    """fedmpi/run.py, the round loop, shares the name: importing it rebinds `fedmpi.run` to that module,
-    which is then callable as the same entry point, so `fedmpi.run(...)` works whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        return _entry(*args, **kwargs)
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "run" and type(value) is types.ModuleType:
-            value.__class__ = _RoundLoopModule
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -137,7 +137,7 @@ def start_run(cfg: Config, comm, run_dir: Path, resume: bool, overwrite: bool) -
     if comm.bcast(on_rank0(comm, check_data)):  # each rank its own nodes' labels: nobody reads all of them
         on_every_rank(comm, lambda: check_block_labels(cfg.data_path, comm.size, comm.rank))
     resumed = shared_checkpoint(comm, on_rank0(comm, open_dir))  # the other ranks learn rank 0's verdict
-    from .run import run as run_rounds
+    from .rounds import run as run_rounds
 
     return run_rounds(cfg, run_dir, comm, resumed)
 

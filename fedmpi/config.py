@@ -305,5 +305,5 @@ def load_config(path: Optional[str], overrides: Optional[dict[str, Any]] = None)
 
 
 def config_text(cfg: Config) -> str:
-    """config.yaml of a run directory: the resolved config (written atomically by run.py)."""
+    """config.yaml of a run directory: the resolved config (written atomically by output/runfiles.py)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -81,7 +81,7 @@ def test_an_abandoned_round_puts_the_control_variates_back():
     """A stop signal during training abandons the round: the trained nodes' c_i return to their values before it."""
     from types import SimpleNamespace
 
-    from fedmpi.run import MomentumUndo
+    from fedmpi.rounds import MomentumUndo
 
     state = {"momentum": torch.zeros(4, 3), "control": torch.arange(12.0).view(4, 3)}
     st = SimpleNamespace(engine=SimpleNamespace(state=lambda: state), cfg=SimpleNamespace(momentum=0.0))

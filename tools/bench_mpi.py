@@ -23,7 +23,7 @@ from fedmpi.engine.batched import BatchedEngine  # noqa: E402
 from fedmpi.engine.models import build_model  # noqa: E402
 from fedmpi.engine.params import flatten  # noqa: E402
 from fedmpi.fl.aggregate import TRAILER, UpdateSum, apply_update  # noqa: E402
-from fedmpi.run import sync  # noqa: E402
+from fedmpi.rounds import sync  # noqa: E402
 from fedmpi.runtime.comm import world  # noqa: E402
 from fedmpi.runtime.device import configure_torch  # noqa: E402
 

@@ -20,7 +20,7 @@ from .tensorboard import TensorBoardWriter
 
 if TYPE_CHECKING:  # the rank's state and a round's result, only named here
     from ..rank import Rank
-    from ..run import RoundResult
+    from ..rounds import RoundResult
 
 
 def progress(st: Rank, done: int) -> None:

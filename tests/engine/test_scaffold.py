@@ -41,7 +41,7 @@ def config(algorithm="scaffold", chunk=0):
 
 
 def run_rounds(engine_cls, model_name, cfg, rounds, rows=None, counts=UNEQUAL):
-    """`rounds` rounds over `rows` (all nodes when None), plain mean, server c as run.py moves it;
+    """`rounds` rounds over `rows` (all nodes when None), plain mean, server c as combine.py moves it;
     returns the last round's node params, the node controls and the server control."""
     x, y, offsets = shards(counts)
     model = build_model(model_name, SHAPE, 10, seed=1)

@@ -32,7 +32,7 @@ def test_none_is_plain_fedavg_scaled_by_the_server_lr():
 
 @pytest.mark.parametrize("name", ["none", "fedavgm", "fedadam"])
 def test_a_scaled_sum_steps_exactly_like_the_mean_it_stands_for(name):
-    """step(main, sum, 1/weight) == step(main, sum / weight): how run.py hands over the Allreduce's sum."""
+    """step(main, sum, 1/weight) == step(main, sum / weight): how combine.py hands over the Allreduce's sum."""
     summed, weight = t(1.0, -3.0, 0.5), 4.0
     direct = make_server_optimizer(name).step(t(1, 2, 3), summed / weight)
     scaled = make_server_optimizer(name).step(t(1, 2, 3), summed, 1 / weight)
