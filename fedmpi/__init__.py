@@ -19,7 +19,6 @@ def run(*args: Any, **kwargs: Any):
     return api_run(*args, **kwargs)
 
 
-
 def __getattr__(name: str) -> Any:
     """Config, load_config and RunStopped on first use (their modules import yaml and MPI helpers)."""
     if name in ("Config", "load_config"):
