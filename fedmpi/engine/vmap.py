@@ -89,8 +89,8 @@ class VmapKernel:
                 tick()
             idx = plan.idx[s]
             with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                noise = draw_masks(self._dropouts(x), gens, (plan.weight[s] > 0).sum(1), idx.shape[1], x) \
-                    if gens is not None else {}
+                noise = {} if gens is None else \
+                    draw_masks(self._dropouts(x), gens, (plan.weight[s] > 0).sum(1), idx.shape[1], plan.weight[s])
                 g, stats = grads(params, bufs, noise, x[idx], y[idx], plan.weight[s],
                                  dense is not None and bool(dense[s]))
             for name, value in stats.items():
