@@ -198,7 +198,7 @@ def test_a_bad_flag_is_one_line_naming_it(tmp_path, ranks, args, expect):
 @pytest.mark.parametrize("ranks", RANKS)
 def test_a_shard_file_too_big_for_memory_is_refused_with_the_estimate_before_anything_is_written(tmp_path, ranks):
     line = refused(base(tmp_path) + ["nodes=100000", "samples_per_node=10000", "--out", "out"], ranks, tmp_path,
-                   "config needs about 2.3 TiB to prepare the shard file (nodes x samples_per_node = "
+                   "config needs about 752.6 GiB to prepare the shard file (nodes x samples_per_node = "
                    "1,000,000,000 synthetic images")
     assert "available; lower nodes or samples_per_node" in line
 
