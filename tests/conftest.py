@@ -111,3 +111,14 @@ def small_data(tmp_path_factory) -> str:
     result = fedmpi(["prepare", "--set", *SMALL, f"data_file={path}"])
     assert result.returncode == 0, result.stderr
     return f"data_file={path}"
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (engine tests: latency-bound, and spinning OpenMP threads crawl on a busy CI host)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

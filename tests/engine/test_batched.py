@@ -25,13 +25,7 @@ TOL64 = 3e-15
 SHAPE = (1, 12, 12)  # small images keep the cnn's fc layer (and the test) small
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tests are latency-bound, and spinning OpenMP threads crawl on a busy CI host."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def shards(counts, seed=0):

@@ -17,12 +17,7 @@ SHAPE = (1, 12, 12)
 TOL = 1e-6  # float32: a few ulps, as the batched-vs-sequential tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def data(counts):

@@ -17,12 +17,7 @@ SHAPE = (1, 12, 12)
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(personalize="ditto", lam=0.5, chunk=0, momentum=0.9, lr=0.01, epochs=2, batch=8):

@@ -16,12 +16,7 @@ from fedmpi.errors import ConfigError
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def dropout_net(seed=1):

@@ -16,12 +16,7 @@ SHAPE = (1, 12, 12)
 HEAD = {"2nn": "5", "cnn": "9"}  # each model's last Linear
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_personal_columns_are_the_named_parameters_and_a_bad_name_is_refused():

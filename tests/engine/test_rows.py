@@ -18,12 +18,7 @@ SCALE = 1 / 255
 COUNTS = [37, 50, 13, 64, 0, 8]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def images(n=sum(COUNTS), seed=0):

@@ -27,12 +27,7 @@ def rel_diff(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(algorithm="scaffold", chunk=0):
